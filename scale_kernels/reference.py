@@ -1,0 +1,37 @@
+"""The plain-PyTorch semantics of the upscaled linear, the spec every backend is tested against.
+
+``[y ; y_up] = [[W, r * W12], [W21, W22]] @ [x ; x_up] + [b ; b_up]`` per token, written with ordinary
+differentiable ops so that autograd (in any dtype, fp64 included) gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def upscaled_linear_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w21: torch.Tensor,
+    w22: torch.Tensor,
+    w12: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    route: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference ``upscaled_linear`` (no validation, no fusion).
+
+    Shapes: x ``(..., d_in + e_in)``, w ``(d_out, d_in)``, w21 ``(e_out, d_in)``, w22 ``(e_out, e_in)``,
+    w12 ``(d_out, e_in)``, route ``x.shape[:-1]``; returns ``(..., d_out + e_out)``.
+    """
+    d_in = w.shape[1]
+    x0, x1 = x[..., :d_in], x[..., d_in:]
+    y0 = F.linear(x0, w, bias)
+    if w12 is not None:
+        z = F.linear(x1, w12)
+        if route is not None:
+            z = z * route.to(z.dtype).unsqueeze(-1)
+        y0 = y0 + z
+    y1 = F.linear(x0, w21, bias_up) + F.linear(x1, w22)
+    return torch.cat([y0, y1], dim=-1)

@@ -1,0 +1,116 @@
+"""Argument checks for :func:`scale_kernels.upscaled_linear`.
+
+Every check runs before any kernel is launched and raises a ``ValueError`` / ``TypeError`` that names
+the offending argument and what was expected, so a user never sees a Triton compile error or a silent
+wrong answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_OP = "upscaled_linear"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Widths of the 2x2 block matrix ``[[W, W12], [W21, W22]]``."""
+
+    d_in: int
+    e_in: int
+    d_out: int
+    e_out: int
+
+
+def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{_OP}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(
+            f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}"
+        )
+
+
+def check_upscaled_linear_args(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w21: torch.Tensor,
+    w22: torch.Tensor,
+    w12: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bias_up: torch.Tensor | None,
+    route: torch.Tensor | None,
+) -> BlockSizes:
+    """Validate the arguments of ``upscaled_linear`` and return the block sizes.
+
+    Shapes: ``x (..., d_in + e_in)``, ``w (d_out, d_in)``, ``w21 (e_out, d_in)``, ``w22 (e_out, e_in)``,
+    ``w12 (d_out, e_in) | None``, ``bias (d_out,) | None``, ``bias_up (e_out,) | None``,
+    ``route x.shape[:-1] | None`` (bool or floating point).
+    """
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{_OP}: x must have at least 1 dimension (..., d_in + e_in), got a 0-D tensor")
+    _check_tensor("w", w, 2)
+    _check_tensor("w21", w21, 2)
+    _check_tensor("w22", w22, 2)
+    d_out, d_in = w.shape
+    e_out = w21.shape[0]
+    e_in = x.shape[-1] - d_in
+    if e_in < 0:
+        raise ValueError(
+            f"{_OP}: x's last dim ({x.shape[-1]}) is smaller than w's input width d_in={d_in}; "
+            f"x must have shape (..., d_in + e_in)"
+        )
+    _check_shape("w21", w21, (e_out, d_in), f"(e_out, d_in) with d_in={d_in} from w")
+    _check_shape("w22", w22, (e_out, e_in), f"(e_out, e_in) with e_out={e_out} from w21, e_in=x.shape[-1]-d_in")
+    if w12 is not None:
+        _check_tensor("w12", w12, 2)
+        _check_shape("w12", w12, (d_out, e_in), f"(d_out, e_in) with d_out={d_out} from w, e_in={e_in}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_shape("bias", bias, (d_out,), "(d_out,)")
+    if bias_up is not None:
+        _check_tensor("bias_up", bias_up, 1)
+        _check_shape("bias_up", bias_up, (e_out,), "(e_out,)")
+
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{_OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    named = [("w", w), ("w21", w21), ("w22", w22), ("w12", w12), ("bias", bias), ("bias_up", bias_up)]
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} must be on x's device {x.device}, got {t.device}")
+    for name, t in (("w", w), ("bias", bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{_OP}: {name} requires grad, but it is the frozen pretrained {name} and never gets a "
+                f"gradient; call {name}.requires_grad_(False) or pass {name}.detach()"
+            )
+
+    if route is not None:
+        _check_tensor("route", route)
+        if tuple(route.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"{_OP}: route must have x's leading shape {tuple(x.shape[:-1])} (one value per token), "
+                f"got {tuple(route.shape)}"
+            )
+        if not (route.dtype == torch.bool or route.dtype.is_floating_point):
+            raise TypeError(
+                f"{_OP}: route must be a bool mask or a floating-point gate, got {route.dtype}; "
+                f"use route.bool() for a 0/1 integer mask"
+            )
+        if route.device != x.device:
+            raise ValueError(f"{_OP}: route must be on x's device {x.device}, got {route.device}")
+    return BlockSizes(d_in=d_in, e_in=e_in, d_out=d_out, e_out=e_out)
