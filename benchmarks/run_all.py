@@ -1,0 +1,86 @@
+"""One command for the whole benchmark: layer + model results (JSON), PNG plots and a Markdown report.
+
+    python -m benchmarks.run_all                       # GPU: writes benchmarks/results/<gpu-name>/
+    python -m benchmarks.run_all --smoke               # CPU smoke: writes benchmarks/results/cpu-smoke/
+
+Writes ``layer.json``, ``model.json``, ``layer_*.png``, ``model.png`` and ``results.md`` (all tables and the
+issue-6 targets as met / not met / not evaluated) into ``--out``. ``--layer-args`` / ``--model-args`` pass
+extra options to ``benchmarks.bench_layer`` / ``benchmarks.bench_model``
+(e.g. ``--model-args "--seq-len 4096"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from . import bench_layer, bench_model, plot, report, targets
+from .results import default_out_dir, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run_all",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of everything (checks, not speed)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<device>)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--skip-layer", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--layer-args", default="", help="extra bench_layer options, one quoted string")
+    parser.add_argument("--model-args", default="", help="extra bench_model options, one quoted string")
+    return parser
+
+
+def _script_argv(args: argparse.Namespace, extra: str) -> list[str]:
+    argv = ["--smoke"] if args.smoke else []
+    for flag in ("device", "dtype"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    if args.backends:
+        argv += ["--backends", *args.backends]
+    return argv + shlex.split(extra)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the selected benchmarks, write every output into the results folder and return it."""
+    jobs = [
+        (name, mod, extra)
+        for name, mod, extra, skip in (
+            ("layer", bench_layer, args.layer_args, args.skip_layer),
+            ("model", bench_model, args.model_args, args.skip_model),
+        )
+        if not skip
+    ]
+    payloads, out_dir = [], args.out
+    for name, mod, extra in jobs:
+        payload = mod.run(mod.build_parser().parse_args(_script_argv(args, extra)))
+        out_dir = out_dir or default_out_dir(payload["env"], args.smoke)
+        json_path = write_json(payload, Path(out_dir) / f"{name}.json")
+        pngs = plot.plot_file(json_path)
+        print(f"[run_all] wrote {json_path} and {len(pngs)} plot(s)", file=sys.stderr)
+        payloads.append(payload)
+    if not payloads:
+        raise SystemExit("nothing to run: both --skip-layer and --skip-model given")
+    md = Path(out_dir) / "results.md"
+    md.write_text(report.render_all(payloads) + "\n")
+    rows = [row for p in payloads for row in p["targets"]]
+    for target_id, status in targets.summary(rows).items():
+        print(f"[run_all] target {target_id}: {status}")
+    print(f"[run_all] wrote {md}", file=sys.stderr)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
