@@ -1,4 +1,4 @@
-"""Width-upscaled building blocks (SCALE): :class:`ScaleLinear`, split RMSNorm, expanded embedding and LM head.
+"""Width-upscaled building blocks (SCALE): :class:`ScaleLinear`, split RMSNorm, expanded embedding, LM head.
 
 Every module keeps the pretrained tensor under its original name (``weight`` / ``bias``, frozen,
 ``requires_grad=False``) so Hugging Face state dicts still load, and adds the expansion blocks as separate
@@ -91,14 +91,14 @@ def svd_expansion_rows(
 
 
 class ScaleLinear(nn.Module):
-    """``[y ; y_up] = [[W, r*W12], [W21, W22]] [x ; x_up] + [b ; b_up]`` via :func:`scale_kernels.upscaled_linear`.
+    """``[y ; y_up] = [[W, r*W12], [W21, W22]] [x ; x_up] + [b ; b_up]`` via the fused ``upscaled_linear``.
 
     Args:
         in_features, out_features: original widths ``d_in``, ``d_out`` (of the frozen ``weight``).
         extra_in, extra_out: expansion widths ``e_in``, ``e_out`` (either may be 0).
         bias: whether the original layer has a (frozen) bias; the expansion then gets a trainable ``bias_up``.
         mode: ``"preserve"`` (no W12: the original outputs never see the expansion), ``"adapt"`` (W12
-            zero-initialised and trainable) or ``"route"`` (like adapt, W12 gated per token by the route mask).
+            zero-initialised and trainable) or ``"route"`` (as adapt, W12 gated per token by the route mask).
         init: initialisation of ``weight_21`` / ``weight_22`` (see :meth:`reset_expansion`).
 
     Shapes: input ``(..., in_features + extra_in)``, output ``(..., out_features + extra_out)``.
@@ -205,7 +205,7 @@ class ScaleLinear(nn.Module):
         std: float = DEFAULT_INIT_STD,
         generator: torch.Generator | None = None,
     ) -> ScaleLinear:
-        """Wrap a pretrained ``nn.Linear``: its ``weight``/``bias`` Parameters are reused (no copy) and frozen."""
+        """Wrap a pretrained ``nn.Linear``: its ``weight``/``bias`` are reused (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -337,7 +337,8 @@ class ScaleRMSNorm(nn.Module):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None:
             raise TypeError(
-                f"norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got {type(norm).__name__}"
+                "norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got "
+                f"{type(norm).__name__}"
             )
         module = cls(w.numel(), extra, eps, device=w.device, dtype=w.dtype)
         w.requires_grad_(False)
@@ -348,7 +349,8 @@ class ScaleRMSNorm(nn.Module):
         total = self.hidden_size + self.extra
         if x.shape[-1] != total:
             raise ValueError(
-                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), got {tuple(x.shape)}"
+                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), "
+                f"got {tuple(x.shape)}"
             )
         return split_rms_normalize(x, self.weight, self.weight_up, self.variance_epsilon)
 
