@@ -11,7 +11,6 @@ one retained graph with a fixed upstream gradient; ``train_step`` is forward + b
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 
@@ -26,10 +25,11 @@ from .results import (
     finalize,
     new_results,
     package_impl,
+    report_failures,
+    save,
     timing_fields,
-    write_json,
 )
-from .timing import TimerConfig, measure, peak_memory_mb, synchronize
+from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
 
 
 def pass_fn(workload: Workload, pass_name: str) -> Callable[[], object]:
@@ -50,6 +50,26 @@ def pass_fn(workload: Workload, pass_name: str) -> Callable[[], object]:
     raise ValueError(f"pass must be one of {PASSES}, got {pass_name!r}")
 
 
+def measure_pass(
+    impl: str, case: LayerCase, workload: Workload, pass_name: str, device: torch.device, timer: TimerConfig
+) -> dict:
+    """One record: timings, TFLOP/s and peak memory of ``pass_name``, or the failure status.
+
+    A function of its own so that the pass's retained graph is freed on return, before the next pass's
+    peak memory is measured.
+    """
+    rec = {"case": case.as_dict(), "pass": pass_name, "impl": impl, "flops": workload.flops(pass_name)}
+    try:
+        fn = pass_fn(workload, pass_name)
+        timing = measure(fn, device, timer, grad_to_none=workload.trainable())
+        peak = peak_memory_mb(fn, device, grad_to_none=workload.trainable())
+        synchronize(device)
+        rec.update(timing_fields(timing, peak), tflops=rec["flops"] / (timing.median_ms * 1e-3) / 1e12)
+    except Exception as exc:  # a failed case is recorded, never dropped or turned into a number
+        rec["status"] = failure_status(exc)
+    return rec
+
+
 def bench_workload(
     impl: str,
     case: LayerCase,
@@ -58,19 +78,11 @@ def bench_workload(
     device: torch.device,
     timer: TimerConfig,
 ) -> list[dict]:
-    """One record per pass: timings, TFLOP/s and peak memory, or the failure status."""
+    """One record per pass that ``workload`` supports."""
     records = []
     for pass_name in (p for p in passes if p in workload.passes):
-        rec = {"case": case.as_dict(), "pass": pass_name, "impl": impl, "flops": workload.flops(pass_name)}
-        try:
-            fn = pass_fn(workload, pass_name)
-            timing = measure(fn, device, timer, grad_to_none=workload.trainable())
-            peak = peak_memory_mb(fn, device, grad_to_none=workload.trainable())
-            synchronize(device)
-            rec.update(timing_fields(timing, peak), tflops=rec["flops"] / (timing.median_ms * 1e-3) / 1e12)
-        except Exception as exc:  # a failed case is recorded, never dropped or turned into a number
-            rec["status"] = failure_status(exc)
-        records.append(rec)
+        records.append(measure_pass(impl, case, workload, pass_name, device, timer))
+        free_memory(device)
     return records
 
 
@@ -98,9 +110,7 @@ def bench_case(
             continue
         records.extend(bench_workload(impl, case, workload, passes, device, timer))
         del workload
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     return records
 
 
@@ -157,10 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     payload = run(args)
     out = args.out or default_out_dir(payload["env"], args.smoke) / "layer.json"
-    print(f"[bench_layer] wrote {write_json(payload, out)}", file=sys.stderr)
-    failed = [r for r in payload["records"] if r["status"] != "ok"]
-    for rec in failed:
-        print(f"[bench_layer] {rec['impl']} {rec['pass']} {rec['case']}: {rec['status']}", file=sys.stderr)
+    print(f"[bench_layer] wrote {save(payload, out, args.append)}", file=sys.stderr)
+    report_failures(payload, "[bench_layer]")
     return 0
 
 

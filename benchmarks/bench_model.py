@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,11 +31,13 @@ from .results import (
     finalize,
     new_results,
     package_impl,
+    report_failures,
+    save,
     timing_fields,
-    write_json,
 )
-from .timing import TimerConfig, measure, peak_memory_mb, synchronize
+from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
 
+VARIANTS = (mv.FULL_FT, mv.LORA_NAME, "upscaled")
 LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -84,6 +85,7 @@ def bench_step(
     For a package backend the record is an error unless that backend really ran (``last_backend``).
     """
     rec = {"case": case, "pass": "train_step", "impl": impl, **mv.parameter_counts(model)}
+    free_memory(device)  # the previous step closure (optimizer state, grads) is gone: start clean
     try:
         mv.set_gradient_checkpointing(model, case["gradient_checkpointing"])
         step = train_step_fn(model, batch, backend)
@@ -99,20 +101,17 @@ def bench_step(
     return rec
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def _built(build: Callable[[], nn.Module], device: torch.device) -> Iterator[nn.Module]:
+def bench_variant(
+    impl: str,
+    build: Callable[[], nn.Module],
+    batch: dict,
+    cases: list[dict],
+    device: torch.device,
+    timer: TimerConfig,
+) -> list[dict]:
+    """Build one baseline model and measure it in every case (the model is freed when this returns)."""
     model = build()
-    try:
-        yield model
-    finally:
-        del model
-        _free(device)
+    return [bench_step(impl, model, batch, None, case, device, timer) for case in cases]
 
 
 def _skipped(impl: str, case: dict, reason: str) -> dict:
@@ -140,28 +139,24 @@ def bench_upscaled(
     if spec.mode == "route":
         ids = batch["input_ids"]
         batch = {**batch, "scale_route": mv.route_mask(ids.shape[0], ids.shape[1], device)}
-    records = []
-    with _built(lambda: mv.build_upscaled(spec, device, dtype), device) as model:
-        model.eval()
-        mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
-        loss_pkg = _loss(model, batch, backends[0] if backends else None)
-        mv.swap_to_handwritten(model)
-        loss_hw = _loss(model, batch)
-        if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
-            records += [
-                bench_step(mv.HANDWRITTEN_UPSCALED, model, batch, None, case, device, timer) for case in cases
-            ]
-        else:
-            status = (
-                f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
-            )
-            records += [_skipped(mv.HANDWRITTEN_UPSCALED, case, "") | {"status": status} for case in cases]
-        mv.restore_forward(model)
-        for backend in backends:
-            records += [
-                bench_step(package_impl(backend), model, batch, backend, case, device, timer)
-                for case in cases
-            ]
+    model = mv.build_upscaled(spec, device, dtype)
+    model.eval()
+    mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
+    loss_pkg = _loss(model, batch, backends[0] if backends else None)
+    mv.swap_to_handwritten(model)
+    loss_hw = _loss(model, batch)
+    if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
+        records = [
+            bench_step(mv.HANDWRITTEN_UPSCALED, model, batch, None, case, device, timer) for case in cases
+        ]
+    else:
+        status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
+        records = [{**_skipped(mv.HANDWRITTEN_UPSCALED, case, ""), "status": status} for case in cases]
+    mv.restore_forward(model)
+    for backend in backends:
+        records += [
+            bench_step(package_impl(backend), model, batch, backend, case, device, timer) for case in cases
+        ]
     return records
 
 
@@ -184,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=None,
-        help=f"subset of {mv.FULL_FT}, {mv.LORA_NAME}, upscaled (package + hand-written)",
+        choices=VARIANTS,
+        help="which models to run (upscaled = this package on each backend + the hand-written model)",
     )
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
     return parser
@@ -202,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     batch_size = args.batch_size or (2 if args.smoke else 4)
     seq_len = args.seq_len or (16 if args.smoke else 2048)
-    variants = args.variants or [mv.FULL_FT, mv.LORA_NAME, "upscaled"]
+    variants = args.variants or list(VARIANTS)
     backends = usable_backends(device, dtype, args.backends)
     usable = [b for b, reason in backends.items() if reason is None]
     settings = {
@@ -236,11 +232,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[bench_model] {variant}", file=sys.stderr, flush=True)
         if variant == "upscaled":
             payload["records"] += bench_upscaled(spec, usable, batch, cases, device, dtype, timer)
-            continue
-        with _built(builders[variant], device) as model:
-            payload["records"] += [
-                bench_step(variant, model, batch, None, case, device, timer) for case in cases
-            ]
+        else:
+            payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer)
+        free_memory(device)
     return finalize(payload)
 
 
@@ -248,10 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     payload = run(args)
     out = args.out or default_out_dir(payload["env"], args.smoke) / "model.json"
-    print(f"[bench_model] wrote {write_json(payload, out)}", file=sys.stderr)
-    for rec in payload["records"]:
-        if rec["status"] != "ok":
-            print(f"[bench_model] {rec['impl']} {rec['case']}: {rec['status']}", file=sys.stderr)
+    print(f"[bench_model] wrote {save(payload, out, args.append)}", file=sys.stderr)
+    report_failures(payload, "[bench_model]")
     return 0
 
 

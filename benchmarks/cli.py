@@ -42,6 +42,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="results JSON path (default: benchmarks/results/<device>/<kind>.json)",
     )
+    parser.add_argument(
+        "--append", action="store_true", help="merge into the results file at --out (runs done in chunks)"
+    )
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:

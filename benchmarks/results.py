@@ -212,3 +212,54 @@ def finalize(payload: dict) -> dict:
     payload["comparisons"] = comparisons(payload["records"])
     payload["targets"] = evaluate(payload)
     return payload
+
+
+def _record_key(record: dict) -> str:
+    return json.dumps([record["case"], record["pass"], record["impl"]], sort_keys=True)
+
+
+def _identity(payload: dict) -> dict:
+    """What must agree for two results files to be merged."""
+    return {
+        "kind": payload["kind"],
+        "smoke": payload["smoke"],
+        "device_name": payload["env"]["device_name"],
+        "dtype": payload["settings"].get("dtype"),
+    }
+
+
+def _run_stamp(payload: dict) -> dict:
+    return {k: payload["env"].get(k) for k in ("git_commit", "timestamp_utc")}
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``new``'s records added to ``old``'s (a record of the same case, pass and impl is replaced).
+
+    For a benchmark run in chunks (e.g. one ``--hidden`` at a time): both must have the same kind, smoke
+    flag, device and dtype (ValueError otherwise). ``settings`` are the newest run's; ``env["runs"]`` lists
+    the commit and time of every contributing run.
+    """
+    if _identity(old) != _identity(new):
+        raise ValueError(f"cannot merge results of different runs: {_identity(old)} vs {_identity(new)}")
+    fresh = {_record_key(r) for r in new["records"]}
+    merged = {**new, "env": dict(new["env"])}
+    merged["records"] = [r for r in old["records"] if _record_key(r) not in fresh] + new["records"]
+    merged["env"]["runs"] = old["env"].get("runs", [_run_stamp(old)]) + [_run_stamp(new)]
+    return finalize(merged)
+
+
+def save(payload: dict, out: Path, append: bool = False) -> Path:
+    """Write ``payload`` to ``out``; with ``append``, merge it into the results already there first."""
+    out = Path(out)
+    if append and out.exists():
+        payload = merge_results(load_json(out), payload)
+    return write_json(payload, out)
+
+
+def report_failures(payload: dict, prefix: str) -> None:
+    """Print every record that has no numbers (errors, OOMs, skipped variants) to stderr."""
+    import sys
+
+    for rec in payload["records"]:
+        if rec["status"] != "ok":
+            print(f"{prefix} {rec['impl']} {rec['pass']} {rec['case']}: {rec['status']}", file=sys.stderr)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import bench_layer, bench_model, plot, report, targets
-from .results import default_out_dir, write_json
+from .results import default_out_dir, load_json, report_failures, save
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--append", action="store_true", help="merge into the results already in --out")
     parser.add_argument("--skip-layer", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--layer-args", default="", help="extra bench_layer options, one quoted string")
@@ -49,7 +50,11 @@ def _script_argv(args: argparse.Namespace, extra: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Run the selected benchmarks, write every output into the results folder and return it."""
+    """Run the selected benchmarks, write every output into the results folder and return it.
+
+    ``results.md`` covers every ``layer.json`` / ``model.json`` in the folder (each with its own header), so
+    a run done in chunks with ``--append`` ends with one complete report.
+    """
     jobs = [
         (name, mod, extra)
         for name, mod, extra, skip in (
@@ -58,23 +63,25 @@ def run(args: argparse.Namespace) -> Path:
         )
         if not skip
     ]
-    payloads, out_dir = [], args.out
+    if not jobs:
+        raise SystemExit("nothing to run: both --skip-layer and --skip-model given")
+    out_dir = args.out
     for name, mod, extra in jobs:
         payload = mod.run(mod.build_parser().parse_args(_script_argv(args, extra)))
-        out_dir = out_dir or default_out_dir(payload["env"], args.smoke)
-        json_path = write_json(payload, Path(out_dir) / f"{name}.json")
+        out_dir = Path(out_dir or default_out_dir(payload["env"], args.smoke))
+        json_path = save(payload, out_dir / f"{name}.json", args.append)
         pngs = plot.plot_file(json_path)
+        report_failures(load_json(json_path), f"[run_all] {name}:")
         print(f"[run_all] wrote {json_path} and {len(pngs)} plot(s)", file=sys.stderr)
-        payloads.append(payload)
-    if not payloads:
-        raise SystemExit("nothing to run: both --skip-layer and --skip-model given")
-    md = Path(out_dir) / "results.md"
+    payloads = [
+        load_json(out_dir / f"{n}.json") for n in ("layer", "model") if (out_dir / f"{n}.json").exists()
+    ]
+    md = out_dir / "results.md"
     md.write_text(report.render_all(payloads) + "\n")
-    rows = [row for p in payloads for row in p["targets"]]
-    for target_id, status in targets.summary(rows).items():
+    for target_id, status in targets.summary([row for p in payloads for row in p["targets"]]).items():
         print(f"[run_all] target {target_id}: {status}")
     print(f"[run_all] wrote {md}", file=sys.stderr)
-    return Path(out_dir)
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Peak memory is ``torch.cuda.max_memory_allocated`` during one run; it is not mea
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -141,3 +142,10 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device`` (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks, so the next peak-memory reading starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from benchmarks.baselines import (
     handwritten_upscaled_linear,
 )
 from benchmarks.cases import MODES, PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, layer_cases
-from benchmarks.impls import BASELINES, GEMM, build_workload
+from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload
 from benchmarks.results import (
     SCHEMA,
     comparisons,
@@ -29,13 +29,17 @@ from benchmarks.results import (
     failure_status,
     impl_backend,
     load_json,
+    merge_results,
+    new_results,
     package_impl,
+    save,
 )
 from benchmarks.timing import SMOKE_TIMER, TimerConfig, Timing, measure, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_UPSCALE = getattr(scale_kernels, "upscale_model", None) is not None
 CPU = torch.device("cpu")
+SMOKE_BASELINES = (HANDWRITTEN, DENSE, GEMM)
 
 
 # ----------------------------------------------------------------------------------------------- cases
@@ -237,12 +241,30 @@ def test_result_helpers():
     assert default_out_dir(gpu, smoke=False).name == "nvidia-h100-80gb-hbm3"
 
 
+def test_merge_results_for_chunked_runs(tmp_path):
+    old = new_results("layer", True, CPU, {"dtype": "float32"})
+    new = new_results("layer", True, CPU, {"dtype": "float32"})
+    old["records"] = [_rec("handwritten", {"t": 1}, 1.0), _rec("scale_kernels[torch]", {"t": 1}, 2.0)]
+    new["records"] = [_rec("handwritten", {"t": 1}, 4.0), _rec("handwritten", {"t": 2}, 3.0)]
+    path = save(old, tmp_path / "layer.json")
+    merged = load_json(save(new, path, append=True))
+    medians = {(r["impl"], r["case"]["t"]): r["median_ms"] for r in merged["records"]}
+    assert medians == {("handwritten", 1): 4.0, ("scale_kernels[torch]", 1): 2.0, ("handwritten", 2): 3.0}
+    assert len(merged["env"]["runs"]) == 2
+    assert [c["speedup"] for c in merged["comparisons"]] == [2.0]  # recomputed from the merged records
+    assert load_json(save(new, path))["records"] == new["records"]  # without append: overwritten
+    other = {**new, "env": {**new["env"], "device_name": "NVIDIA H100"}}
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_results(old, other)
+
+
 # ------------------------------------------------------------------------------------ scripts, end to end
 @pytest.fixture(scope="module")
 def layer_json(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layer") / "layer.json"
     # preserve (no W12) and route (W12 + mask) cover every code path; adapt adds only time
-    argv = ["--smoke", "--out", str(out), "--compile-backend", "aot_eager", "--modes", "preserve", "route"]
+    # (the compiled baseline has its own test below: compiling every case would dominate the test time)
+    argv = ["--smoke", "--out", str(out), "--modes", "preserve", "route", "--baselines", *SMOKE_BASELINES]
     assert bench_layer.main(argv) == 0
     return out
 
@@ -254,12 +276,12 @@ def test_bench_layer_smoke_runs_every_case(layer_json):
     bad = [(r["impl"], r["pass"], r["status"]) for r in payload["records"] if r["status"] != "ok"]
     assert not bad
     impls = {r["impl"] for r in payload["records"]}
-    assert set(BASELINES) | {package_impl("torch")} <= impls
+    assert set(SMOKE_BASELINES) | {package_impl("torch")} <= impls
     for rec in payload["records"]:
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"] and rec["tflops"] > 0
         assert rec["peak_mem_mb"] is None  # CPU
     n_cases = len(layer_cases(smoke=True, modes=("preserve", "route")))
-    assert len(payload["comparisons"]) == n_cases * (3 * len(BASELINES) - 2) * len(
+    assert len(payload["comparisons"]) == n_cases * (3 + 3 + 1) * len(
         [i for i in impls if i.startswith("scale_kernels[")]
     )  # the GEMM has a forward only
     assert {t["status"] for t in payload["targets"]} == {"not evaluated"}  # no fused backend, no H100 shapes
@@ -378,6 +400,8 @@ def test_microbenchmarks_run_once_with_benchmark_disable():
         "pytest",
         "benchmarks/test_microbench.py",
         "--benchmark-disable",
+        "-k",
+        "not 512",  # the decode-sized half keeps this short; without -k every case runs
         "-q",
         "-x",
         "-p",
