@@ -20,13 +20,10 @@ from . import cli
 from .cases import MODES, PASSES, LayerCase, layer_cases
 from .impls import BASELINES, HANDWRITTEN_COMPILED, Workload, build_workload, usable_backends
 from .results import (
-    default_out_dir,
     failure_status,
     finalize,
     new_results,
     package_impl,
-    report_failures,
-    save,
     timing_fields,
 )
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
@@ -115,11 +112,7 @@ def bench_case(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_layer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.new_parser("python -m benchmarks.bench_layer", __doc__)
     cli.add_common_args(parser)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts T (default: grid)")
     parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes d (e = d / 4)")
@@ -164,12 +157,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    payload = run(args)
-    out = args.out or default_out_dir(payload["env"], args.smoke) / "layer.json"
-    print(f"[bench_layer] wrote {save(payload, out, args.append)}", file=sys.stderr)
-    report_failures(payload, "[bench_layer]")
-    return 0
+    return cli.main_for("layer", build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,10 @@ from . import cli
 from . import model_variants as mv
 from .impls import usable_backends
 from .results import (
-    default_out_dir,
     failure_status,
     finalize,
     new_results,
     package_impl,
-    report_failures,
-    save,
     timing_fields,
 )
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
@@ -161,11 +158,7 @@ def bench_upscaled(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.new_parser("python -m benchmarks.bench_model", __doc__)
     cli.add_common_args(parser)
     parser.add_argument("--batch-size", type=int, default=None, help="default 4 (smoke: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (smoke: 16)")
@@ -239,12 +232,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    payload = run(args)
-    out = args.out or default_out_dir(payload["env"], args.smoke) / "model.json"
-    print(f"[bench_model] wrote {save(payload, out, args.append)}", file=sys.stderr)
-    report_failures(payload, "[bench_model]")
-    return 0
+    return cli.main_for("model", build_parser, run, argv)
 
 
 if __name__ == "__main__":

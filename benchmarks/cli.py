@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,6 +12,13 @@ import torch
 from .timing import SMOKE_TIMER, TimerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser: ``doc`` (its module docstring) as the description, verbatim."""
+    return argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -84,3 +93,20 @@ def timer_settings(timer: TimerConfig, device: torch.device) -> dict:
         "do_bench_warmup_ms": timer.do_bench_warmup_ms,
         "do_bench_rep_ms": timer.do_bench_rep_ms,
     }
+
+
+def main_for(
+    kind: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], dict],
+    argv: list[str] | None,
+) -> int:
+    """Entry point of a benchmark script: parse, run, save (``--out`` / ``--append``), list failures."""
+    from .results import default_out_dir, report_failures, save
+
+    args = build_parser().parse_args(argv)
+    payload = run(args)
+    out = args.out or default_out_dir(payload["env"], args.smoke) / f"{kind}.json"
+    print(f"[bench_{kind}] wrote {save(payload, out, args.append)}", file=sys.stderr)
+    report_failures(payload, f"[bench_{kind}]")
+    return 0

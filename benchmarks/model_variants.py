@@ -36,19 +36,11 @@ LLAMA_1B = dict(
 )
 # +25% width: 512 more hidden channels = 8 query heads of 64 (2 KV heads x GQA group 4), FFN 8192 -> 10240.
 UPSCALE_1B = dict(extra_hidden=512, extra_heads=8, extra_kv_heads=2, extra_intermediate=2048)
-SMOKE_LLAMA = dict(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=16,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    use_cache=False,
-)
+SMOKE_LLAMA = {
+    **LLAMA_1B,
+    **dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2),
+    **dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256),
+}
 SMOKE_UPSCALE = dict(extra_hidden=32, extra_heads=2, extra_kv_heads=1, extra_intermediate=64)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 

@@ -16,16 +16,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import bench_layer, bench_model, plot, report, targets
+from . import bench_layer, bench_model, cli, plot, report, targets
 from .results import default_out_dir, load_json, report_failures, save
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run_all",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.new_parser("python -m benchmarks.run_all", __doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of everything (checks, not speed)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<device>)")
     parser.add_argument("--device", default=None)
