@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +32,9 @@ def usable_backends(
     """Each requested backend (default: all) mapped to None if usable here, else the reason it is skipped."""
     available = scale_kernels.available_backends(device, dtype)
     names = list(available) if requested is None else list(requested)
-    return {name: available.get(name, f"unknown backend {name!r}") for name in names}
+    reasons = {name: available.get(name, f"unknown backend {name!r}") for name in names}
+    root = str(Path(scale_kernels.__file__).resolve().parents[1])  # keep local paths out of result files
+    return {name: None if r is None else r.replace(root, "<repo>") for name, r in reasons.items()}
 
 
 @dataclass

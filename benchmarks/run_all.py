@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import bench_layer, bench_model, cli, plot, report, targets
+from . import bench_layer, bench_model, cli, report, targets
 from .results import default_out_dir, load_json, report_failures, save
 
 
@@ -45,6 +45,19 @@ def _script_argv(args: argparse.Namespace, extra: str) -> list[str]:
     return argv + shlex.split(extra)
 
 
+def _plot(json_path: Path) -> list[Path]:
+    """PNGs for one results file; without matplotlib, say so and go on (plot later with benchmarks.plot)."""
+    try:
+        from . import plot
+    except ImportError as exc:
+        print(
+            f"[run_all] no plots ({exc}); pip install matplotlib, then python -m benchmarks.plot {json_path}",
+            file=sys.stderr,
+        )
+        return []
+    return plot.plot_file(json_path)
+
+
 def run(args: argparse.Namespace) -> Path:
     """Run the selected benchmarks, write every output into the results folder and return it.
 
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> Path:
         payload = mod.run(mod.build_parser().parse_args(_script_argv(args, extra)))
         out_dir = Path(out_dir or default_out_dir(payload["env"], args.smoke))
         json_path = save(payload, out_dir / f"{name}.json", args.append)
-        pngs = plot.plot_file(json_path)
+        pngs = _plot(json_path)
         report_failures(load_json(json_path), f"[run_all] {name}:")
         print(f"[run_all] wrote {json_path} and {len(pngs)} plot(s)", file=sys.stderr)
     payloads = [

@@ -162,7 +162,7 @@ def evaluate_target(target: Target, payload: dict) -> list[dict]:
     if not rows:
         reason = (
             f"no {target.pass_name} comparison of a fused backend ({', '.join(FUSED_BACKENDS)}) against "
-            f"{target.baseline} at the target shape in these results"
+            f"{target.baseline} matching this target in these results"
         )
         rows.append(
             _row(

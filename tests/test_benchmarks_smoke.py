@@ -22,7 +22,7 @@ from benchmarks.baselines import (
     handwritten_upscaled_linear,
 )
 from benchmarks.cases import MODES, PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, layer_cases
-from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload
+from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload, usable_backends
 from benchmarks.results import (
     SCHEMA,
     comparisons,
@@ -241,6 +241,9 @@ def test_result_helpers():
     assert failure_status(torch.cuda.OutOfMemoryError("x")) == "oom"
     assert failure_status(ValueError("bad\nmore")) == "error: ValueError: bad"
     assert default_out_dir({"device": "cpu", "device_name": "CPU: x"}, smoke=True).name == "cpu-smoke"
+    reasons = usable_backends(CPU, torch.float32, ["torch", "triton", "cuda", "nope"])
+    assert reasons["torch"] is None and reasons["nope"] == "unknown backend 'nope'"
+    assert all(str(ROOT) not in (r or "") for r in reasons.values())  # no local paths in result files
     gpu = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
     assert default_out_dir(gpu, smoke=False).name == "nvidia-h100-80gb-hbm3"
 
@@ -428,3 +431,13 @@ def test_microbenchmarks_run_once_with_benchmark_disable():
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_run_all_goes_on_without_matplotlib(monkeypatch, tmp_path, capsys):
+    import benchmarks
+    from benchmarks import run_all
+
+    monkeypatch.delattr(benchmarks, "plot", raising=False)
+    monkeypatch.setitem(sys.modules, "benchmarks.plot", None)  # makes `from . import plot` raise ImportError
+    assert run_all._plot(tmp_path / "layer.json") == []
+    assert "no plots" in capsys.readouterr().err
