@@ -37,6 +37,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"the triton backend needs CUDA tensors, got device {device}"
     if dtype not in _DTYPES:
         return f"the triton backend supports float32/float16/bfloat16, got {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return "bf16 tensor-core kernels need a GPU of compute capability >= 8.0 (Ampere or newer)"
     return None
 
 
