@@ -60,6 +60,7 @@ _MN_CONFIGS = _configs(
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (16, 32, 128, 4, 4),  # decode: more, narrower column tiles keep every SM streaming weights
         (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 3),
     ]
