@@ -82,11 +82,10 @@ def svd_expansion_rows(
     expansion neuron starts as a copy of one of the most informative features of the original layer.
     Rows beyond ``min(d_out, d_in)`` are N(0, std^2).
     """
-    w = weight.detach().float().cpu()
-    _, s, vh = torch.linalg.svd(w, full_matrices=False)
-    out = _normal((rows, w.shape[1]), std, generator)
+    _, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)  # on weight's device
+    out = _normal((rows, weight.shape[1]), std, generator)
     k = min(rows, s.numel())
-    out[:k] = s[:k, None] * vh[:k]
+    out[:k] = (s[:k, None] * vh[:k]).cpu()
     return out
 
 
@@ -102,7 +101,7 @@ class ScaleLinear(nn.Module):
         init: initialisation of ``weight_21`` / ``weight_22`` (see :meth:`reset_expansion`).
 
     Shapes: input ``(..., in_features + extra_in)``, output ``(..., out_features + extra_out)``.
-    ``weight`` and ``bias`` are created uninitialised here; :meth:`from_linear` fills them from a layer.
+    ``weight`` / ``bias`` get ``nn.Linear``'s default init here; :meth:`from_linear` reuses a trained layer's.
     """
 
     routable = True  # whether the model-level route mask gates this module's W12 term
@@ -146,11 +145,22 @@ class ScaleLinear(nn.Module):
             self.register_parameter("bias_up", None)
         self.route_state: RouteState | None = None
         self.backend: str | None = None
+        self._reset_base()
         if init != "svd":  # svd needs the pretrained weight: from_linear applies it after copying W
             self.reset_expansion(init, std=std, generator=generator)
 
     def _has_w12(self) -> bool:
         return self.mode != "preserve" and self.extra_in > 0
+
+    @torch.no_grad()
+    def _reset_base(self) -> None:
+        """``nn.Linear``'s default init for a standalone module (``from_linear`` swaps in real weights)."""
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def total_in(self) -> int:

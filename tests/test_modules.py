@@ -204,3 +204,10 @@ def test_docs_example_runs():
     assert blocks, "docs/modules.md has no python example"
     for block in blocks:
         exec(compile(block, "docs/modules.md", "exec"), {})
+
+
+def test_standalone_module_is_initialised_like_nn_linear():
+    m = sk.ScaleLinear(16, 8, 4, 2)
+    bound = 1 / 16**0.5  # kaiming_uniform(a=sqrt(5)) bound for fan_in 16
+    assert m.weight.abs().max() <= bound and m.weight.abs().max() > bound / 2
+    assert torch.isfinite(m(torch.randn(3, 20, generator=_gen()))).all()
