@@ -253,7 +253,8 @@ def test_merge_results_for_chunked_runs(tmp_path):
     new = new_results("layer", True, CPU, {"dtype": "float32"})
     old["records"] = [_rec("handwritten", {"t": 1}, 1.0), _rec("scale_kernels[torch]", {"t": 1}, 2.0)]
     new["records"] = [_rec("handwritten", {"t": 1}, 4.0), _rec("handwritten", {"t": 2}, 3.0)]
-    path = save(old, tmp_path / "layer.json")
+    path = save(old, tmp_path / "layer.json", append=True)  # nothing there yet: simply written
+    assert load_json(path)["records"] == old["records"]
     merged = load_json(save(new, path, append=True))
     medians = {(r["impl"], r["case"]["t"]): r["median_ms"] for r in merged["records"]}
     assert medians == {("handwritten", 1): 4.0, ("scale_kernels[torch]", 1): 2.0, ("handwritten", 2): 3.0}
