@@ -101,9 +101,7 @@ def bench_case(
         try:
             workload = build_workload(impl, case, device, dtype, compile_backend)
         except Exception as exc:
-            records.append(
-                {"case": case.as_dict(), "pass": passes[0], "impl": impl, "status": failure_status(exc)}
-            )
+            records.append({"case": case.as_dict(), "pass": passes[0], "impl": impl, "status": failure_status(exc)})
             continue
         records.extend(bench_workload(impl, case, workload, passes, device, timer))
         del workload

@@ -16,9 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """A script's parser: ``doc`` (its module docstring) as the description, verbatim."""
-    return argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -42,9 +40,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs (event/CPU timers)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs (event/CPU timers)")
-    parser.add_argument(
-        "--no-do-bench", action="store_true", help="time with CUDA events instead of do_bench"
-    )
+    parser.add_argument("--no-do-bench", action="store_true", help="time with CUDA events instead of do_bench")
     parser.add_argument(
         "--out",
         type=Path,
@@ -71,11 +67,7 @@ def resolve_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def resolve_timer(args: argparse.Namespace, warmup: int, iters: int) -> TimerConfig:
     """Smoke: each case once. Otherwise ``warmup``/``iters`` (overridable) and do_bench unless disabled."""
-    base = (
-        SMOKE_TIMER
-        if args.smoke
-        else TimerConfig(warmup=warmup, iters=iters, use_do_bench=not args.no_do_bench)
-    )
+    base = SMOKE_TIMER if args.smoke else TimerConfig(warmup=warmup, iters=iters, use_do_bench=not args.no_do_bench)
     return TimerConfig(
         warmup=base.warmup if args.warmup is None else args.warmup,
         iters=base.iters if args.iters is None else args.iters,

@@ -79,7 +79,5 @@ def build_workload(
         module = baselines.FusedUpscaledLinear(case.d, case.e, case.has_w12, impl_backend(impl), **factory)
         flops = case.flops
     else:
-        raise ValueError(
-            f"unknown implementation {impl!r}; expected {BASELINES} or {package_impl('<backend>')}"
-        )
+        raise ValueError(f"unknown implementation {impl!r}; expected {BASELINES} or {package_impl('<backend>')}")
     return Workload(module, inputs.x, inputs.dy, inputs.route, flops, PASSES)

@@ -68,10 +68,7 @@ def build_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: 
 
 def upscale_unavailable_reason() -> str | None:
     """None when ``scale_kernels.upscale_model`` exists, else why the upscaled variants are skipped."""
-    if (
-        getattr(scale_kernels, "upscale_model", None) is None
-        or getattr(scale_kernels, "ScaleLinear", None) is None
-    ):
+    if getattr(scale_kernels, "upscale_model", None) is None or getattr(scale_kernels, "ScaleLinear", None) is None:
         return "scale_kernels.upscale_model / ScaleLinear are not available (module layer not merged yet)"
     return None
 

@@ -108,9 +108,7 @@ def plot_layer_speedup(payload: dict, out_dir: Path) -> Path | None:
             sel = [c for c in comps if c["pass"] == pass_name and c["case"]["d"] == d]
             for impl, mode in dict.fromkeys((c["impl"], c["case"]["mode"]) for c in sel):
                 pts = sorted(
-                    (c["case"]["tokens"], c["speedup"])
-                    for c in sel
-                    if c["impl"] == impl and c["case"]["mode"] == mode
+                    (c["case"]["tokens"], c["speedup"]) for c in sel if c["impl"] == impl and c["case"]["mode"] == mode
                 )
                 ax.plot([t for t, _ in pts], [s for _, s in pts], marker="o", ms=3, label=f"{impl} {mode}")
             ax.axhline(1.0, color="gray", lw=0.8)
@@ -148,9 +146,7 @@ def plot_model(payload: dict, out_dir: Path) -> Path | None:
                 label=impl,
                 hatch="//" if is_package(impl) else None,
             )
-        ax.set_xticks(
-            [g + 0.4 - width / 2 for g in range(len(groups))], ["checkpointing off", "checkpointing on"]
-        )
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], ["checkpointing off", "checkpointing on"])
         ax.set_ylabel(label)
         if key == "peak_mem_mb" and all(r.get("peak_mem_mb") is None for r in recs):
             ax.text(0.5, 0.5, "peak memory not measured (CPU)", ha="center", transform=ax.transAxes)
@@ -164,9 +160,7 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or Path(path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     if payload["kind"] == "layer":
-        written = [
-            plot_layer_pass(payload, p, out_dir) for p in dict.fromkeys(r["pass"] for r in payload["records"])
-        ]
+        written = [plot_layer_pass(payload, p, out_dir) for p in dict.fromkeys(r["pass"] for r in payload["records"])]
         written.append(plot_layer_speedup(payload, out_dir))
     else:
         written = [plot_model(payload, out_dir)]

@@ -84,9 +84,7 @@ def _comparison_table(payload: dict) -> list[str]:
         for c in comps
     ]
     header = ["pass", "case", "impl", "baseline", "speedup", "throughput ratio", "memory ratio"]
-    return (
-        ["### ratios against each baseline (speedup > 1: package faster)", ""] + _table(header, rows) + [""]
-    )
+    return ["### ratios against each baseline (speedup > 1: package faster)", ""] + _table(header, rows) + [""]
 
 
 def targets_table(rows: list[dict]) -> list[str]:

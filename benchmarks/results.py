@@ -86,10 +86,7 @@ def environment(device: torch.device) -> dict:
 
 
 def smoke_label(env: dict) -> str:
-    return (
-        f"CPU SMOKE RUN on {env['device_name']}: tiny shapes, each case run once; these are not "
-        "performance numbers"
-    )
+    return f"CPU SMOKE RUN on {env['device_name']}: tiny shapes, each case run once; these are not performance numbers"
 
 
 def new_results(kind: str, smoke: bool, device: torch.device, settings: dict) -> dict:

@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> Path:
         pngs = _plot(json_path)
         report_failures(load_json(json_path), f"[run_all] {name}:")
         print(f"[run_all] wrote {json_path} and {len(pngs)} plot(s)", file=sys.stderr)
-    payloads = [
-        load_json(out_dir / f"{n}.json") for n in ("layer", "model") if (out_dir / f"{n}.json").exists()
-    ]
+    payloads = [load_json(out_dir / f"{n}.json") for n in ("layer", "model") if (out_dir / f"{n}.json").exists()]
     md = out_dir / "results.md"
     md.write_text(report.render_all(payloads) + "\n")
     for target_id, status in targets.summary([row for p in payloads for row in p["targets"]]).items():

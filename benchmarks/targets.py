@@ -155,9 +155,7 @@ def evaluate_target(target: Target, payload: dict) -> list[dict]:
         else:
             status = "met" if _OPS[target.op](value, target.threshold) else "not met"
         rows.append(
-            _row(
-                target, status, impl=comp["impl"], case=comp["case"], value=value, on_target_hardware=hardware
-            )
+            _row(target, status, impl=comp["impl"], case=comp["case"], value=value, on_target_hardware=hardware)
         )
     if not rows:
         reason = (

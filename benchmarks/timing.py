@@ -32,9 +32,7 @@ class Timing:
     def from_samples(cls, samples_ms: list[float]) -> Timing:
         if not samples_ms:
             raise ValueError("from_samples needs at least one sample")
-        q = torch.quantile(
-            torch.tensor(samples_ms, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64)
-        )
+        q = torch.quantile(torch.tensor(samples_ms, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64))
         median, p20, p80 = (float(v) for v in q)
         return cls(median, p20, p80, len(samples_ms))
 
@@ -106,13 +104,9 @@ def measure(
     return Timing.from_samples(samples)
 
 
-def _cuda_event_samples(
-    fn: Callable[[], object], iters: int, grad_to_none: list[torch.Tensor]
-) -> list[float]:
+def _cuda_event_samples(fn: Callable[[], object], iters: int, grad_to_none: list[torch.Tensor]) -> list[float]:
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     torch.cuda.synchronize()
     for start, end in events:
         _reset_grads(grad_to_none)

@@ -352,9 +352,7 @@ def test_bench_model_smoke_baselines(model_payload):
 
 
 def test_bench_model_smoke_upscaled(model_payload):
-    recs = [
-        r for r in model_payload["records"] if r["impl"] in ("handwritten_upscaled", "scale_kernels[torch]")
-    ]
+    recs = [r for r in model_payload["records"] if r["impl"] in ("handwritten_upscaled", "scale_kernels[torch]")]
     assert len(recs) == 4
     if not HAS_UPSCALE:
         assert all(r["status"].startswith("skipped: scale_kernels.upscale_model") for r in recs)
@@ -393,6 +391,46 @@ def test_handwritten_swap_reproduces_the_package_model():
 
 
 @needs_matplotlib
+def test_bench_step_refuses_a_backend_that_did_not_run():
+    from benchmarks import model_variants as mv
+
+    spec = mv.ModelSpec(mv.SMOKE_LLAMA, mv.SMOKE_UPSCALE)
+    model = mv.build_base(spec, CPU, torch.float32)  # no ScaleLinear: the package op never runs
+    batch = bench_model.make_batch(spec.base["vocab_size"], 1, 4, CPU)
+    case = {"gradient_checkpointing": True, "batch_size": 1, "seq_len": 4, "mode": "preserve"}
+    with scale_kernels.use_backend("torch"):  # an earlier call leaves last_backend() == "torch"
+        scale_kernels.upscaled_linear(torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    rec = bench_model.bench_step("scale_kernels[torch]", model, batch, "torch", case, CPU, SMOKE_TIMER)
+    assert rec["status"] == "error: RuntimeError: asked for backend 'torch' but None ran"
+    for enabled in (True, False):
+        mv.set_gradient_checkpointing(model, enabled)
+        flag = (
+            "is_activation_checkpointing"
+            if hasattr(model, "is_activation_checkpointing")
+            else "is_gradient_checkpointing"
+        )
+        assert getattr(model, flag) is enabled and model.training
+    ok = bench_model.bench_step("full_ft", model, batch, None, case, CPU, SMOKE_TIMER)
+    assert ok["status"] == "ok" and ok["runs"] == 1 and ok["tokens_per_s"] > 0
+
+
+def test_measure_uses_do_bench_on_cuda(monkeypatch):
+    from benchmarks import timing
+
+    calls = []
+
+    def fake_do_bench(fn, **kwargs):
+        calls.append(kwargs)
+        return [2.0, 1.0, 3.0]
+
+    monkeypatch.setattr(timing, "_do_bench", lambda: fake_do_bench)
+    p = torch.zeros(1, requires_grad=True)
+    cuda = torch.device("cuda")  # only the device type is looked at: no GPU needed
+    assert TimerConfig().method(cuda) == "do_bench" and TimerConfig(use_do_bench=False).method(cuda) == "cuda_events"
+    assert measure(lambda: None, cuda, TimerConfig(), grad_to_none=[p]) == Timing(2.0, 1.0, 3.0, None)
+    assert calls == [{"warmup": 25, "rep": 100, "grad_to_none": [p], "quantiles": [0.5, 0.2, 0.8]}]
+
+
 def test_run_all_smoke_writes_json_plots_and_markdown(tmp_path):
     from benchmarks import run_all
 
