@@ -113,8 +113,8 @@ def bench_variant(
     return [bench_step(impl, model, batch, None, case, device, timer) for case in cases]
 
 
-def _skipped(impl: str, case: dict, reason: str) -> dict:
-    return {"case": case, "pass": "train_step", "impl": impl, "status": f"skipped: {reason}"}
+def _unmeasured(impl: str, case: dict, status: str) -> dict:
+    return {"case": case, "pass": "train_step", "impl": impl, "status": status}
 
 
 def bench_upscaled(
@@ -134,7 +134,7 @@ def bench_upscaled(
     impls = [package_impl(b) for b in backends] + [mv.HANDWRITTEN_UPSCALED]
     reason = mv.upscale_unavailable_reason()
     if reason is not None:
-        return [_skipped(impl, case, reason) for case in cases for impl in impls]
+        return [_unmeasured(impl, case, f"skipped: {reason}") for case in cases for impl in impls]
     if spec.mode == "route":
         ids = batch["input_ids"]
         batch = {**batch, "scale_route": mv.route_mask(ids.shape[0], ids.shape[1], device)}
@@ -148,7 +148,7 @@ def bench_upscaled(
         records = [bench_step(mv.HANDWRITTEN_UPSCALED, model, batch, None, case, device, timer) for case in cases]
     else:
         status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
-        records = [{**_skipped(mv.HANDWRITTEN_UPSCALED, case, ""), "status": status} for case in cases]
+        records = [_unmeasured(mv.HANDWRITTEN_UPSCALED, case, status) for case in cases]
     mv.restore_forward(model)
     for backend in backends:
         records += [bench_step(package_impl(backend), model, batch, backend, case, device, timer) for case in cases]

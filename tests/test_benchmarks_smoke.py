@@ -414,6 +414,23 @@ def test_bench_step_refuses_a_backend_that_did_not_run():
     assert ok["status"] == "ok" and ok["runs"] == 1 and ok["tokens_per_s"] > 0
 
 
+@pytest.mark.skipif(not HAS_UPSCALE, reason="scale_kernels.upscale_model is not available yet")
+def test_a_wrong_handwritten_swap_is_an_error_not_a_number(monkeypatch):
+    from benchmarks import model_variants as mv
+
+    right = mv.handwritten_scale_linear_forward
+    monkeypatch.setattr(mv, "handwritten_scale_linear_forward", lambda self, x, route=None: 2 * right(self, x, route))
+    spec = mv.ModelSpec(mv.SMOKE_LLAMA, mv.SMOKE_UPSCALE)
+    batch = bench_model.make_batch(spec.base["vocab_size"], 1, 4, CPU)
+    case = {"gradient_checkpointing": False, "batch_size": 1, "seq_len": 4, "mode": "preserve"}
+    recs = {
+        r["impl"]: r
+        for r in bench_model.bench_upscaled(spec, ["torch"], batch, [case], CPU, torch.float32, SMOKE_TIMER)
+    }
+    assert recs["handwritten_upscaled"]["status"].endswith("(swap is wrong)")
+    assert recs["scale_kernels[torch]"]["status"] == "ok"
+
+
 def test_measure_uses_do_bench_on_cuda(monkeypatch):
     from benchmarks import timing
 
