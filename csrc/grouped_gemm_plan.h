@@ -1,0 +1,257 @@
+// The tile plan: how each of the three ops becomes ONE launch of a grouped tile GEMM.
+//
+// Host-only and header-only, with no torch or CUDA dependency: the kernels (*.cu) build their launch
+// arguments with it, and csrc/emulate/plan_emulator.cpp runs the very same plans on the CPU so the
+// decomposition (block offsets, strides, route scaling, droute partials) is tested without a GPU.
+//
+// A launch computes every output tile of up to kMaxGroups output matrices ("groups"). For one group:
+//
+//   C(m, n) = sum_{plain segments s} sum_k A_s'(m, k) B_s(k, n)                       (fp32 accumulator)
+//           + row_scale[m] * S(m, n),   S(m, n) = sum_k A'(m, k) B(k, n) of the scaled segment
+//                                                                                    (second accumulator)
+//   out(m, n) = T(C(m, n) + bias[n])
+//   dot_partial[tile_n * rows + m] = sum_{n in column tile tile_n} dot(m, n) * S(m, n)
+//
+// with A'(m, k) = T(A(m, k) * k_scale[k]) when k_scale is set, else A(m, k). How A and B are read from
+// memory is fixed per launch by a Layout (see below): all segments of a launch share it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "upscaled_linear_params.h"
+
+#if defined(__CUDACC__)
+#define SCALE_KERNELS_HOST_DEVICE __host__ __device__
+#else
+#define SCALE_KERNELS_HOST_DEVICE
+#endif
+
+namespace scale_kernels {
+namespace plan {
+
+constexpr int kTileM = 64;  // output rows per tile
+constexpr int kTileN = 64;  // output columns per tile
+constexpr int kTileK = 32;  // reduction depth per shared-memory stage
+constexpr int kMaxGroups = 3;
+constexpr int kMaxSegments = 2;
+
+constexpr int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Operand layouts of one launch.
+//   A(m, k) = kAKContig ? a[m * lda + k] : a[k * lda + m]
+//   B(k, n) = kBKContig ? b[n * ldb + k] : b[k * ldb + n]
+struct ForwardLayout {         // A = x (tokens x in), B = W^T: both read along k
+  static constexpr bool kAKContig = true;
+  static constexpr bool kBKContig = true;
+};
+struct BackwardInputLayout {   // A = dy (tokens x out), B = W (out x in): B read along n
+  static constexpr bool kAKContig = true;
+  static constexpr bool kBKContig = false;
+};
+struct BackwardWeightLayout {  // A = dy^T (out x tokens), B = x (tokens x in): K = tokens
+  static constexpr bool kAKContig = false;
+  static constexpr bool kBKContig = false;
+};
+
+template <typename T>
+struct Segment {
+  const T* a = nullptr;
+  int64_t lda = 0;
+  const T* b = nullptr;
+  int64_t ldb = 0;
+  int k = 0;  // reduction length (0: contributes nothing)
+};
+
+template <typename T>
+struct Group {
+  int rows = 0, cols = 0;             // output matrix shape
+  int num_segments = 0;               // plain segments, summed into the main accumulator
+  Segment<T> segments[kMaxSegments];
+  bool has_scaled = false;            // a segment summed into the second accumulator ...
+  Segment<T> scaled;
+  const float* row_scale = nullptr;   // ... and scaled per output row by this (rows,) vector (null = 1)
+  const float* k_scale = nullptr;     // (k,) scale of A along k for every segment, or null
+  const T* bias = nullptr;            // (cols,) or null
+  T* out = nullptr;                   // (rows, cols) with row stride ldo
+  int64_t ldo = 0;
+  const T* dot = nullptr;             // (rows, cols) with row stride lddot: dotted with S (needs has_scaled)
+  int64_t lddot = 0;
+  float* dot_partial = nullptr;       // (col_tiles, rows) partial row sums of dot * S, or null
+  int col_tiles = 0;                  // set by add_group
+  int tile_begin = 0;                 // first linear tile index of this group, set by add_group
+};
+
+template <typename T>
+struct Problem {
+  Group<T> groups[kMaxGroups];
+  int num_groups = 0;
+  int num_tiles = 0;  // grid size of the launch
+};
+
+// Which group and which output tile linear tile index `block` (the kernel's blockIdx.x) computes.
+struct TileCoord {
+  int group;
+  int tile_n;  // column-tile index within the group (row of the droute partial buffer)
+  int m0, n0;  // first output row / column of the tile
+};
+
+template <typename T>
+SCALE_KERNELS_HOST_DEVICE inline TileCoord locate_tile(const Problem<T>& p, int block) {
+  int gi = 0;
+  for (int i = 1; i < kMaxGroups; ++i) {
+    if (i < p.num_groups && block >= p.groups[i].tile_begin) gi = i;
+  }
+  const Group<T>& g = p.groups[gi];
+  const int t = block - g.tile_begin;
+  const int tile_n = t % g.col_tiles;
+  return TileCoord{gi, tile_n, (t / g.col_tiles) * kTileM, tile_n * kTileN};
+}
+
+template <typename T>
+Segment<T> segment(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t k) {
+  Segment<T> s;
+  s.a = a;
+  s.lda = lda;
+  s.b = b;
+  s.ldb = ldb;
+  s.k = static_cast<int>(k);
+  return s;
+}
+
+// Appends a group and gives it its range of linear tile indices; empty outputs get no tiles at all.
+template <typename T>
+void add_group(Problem<T>& p, Group<T> g) {
+  if (g.rows <= 0 || g.cols <= 0) return;
+  g.col_tiles = ceil_div(g.cols, kTileN);
+  g.tile_begin = p.num_tiles;
+  p.num_tiles += ceil_div(g.rows, kTileM) * g.col_tiles;
+  p.groups[p.num_groups++] = g;
+}
+
+template <typename T>
+const T* typed(const void* ptr) {
+  return static_cast<const T*>(ptr);
+}
+
+// Forward (ForwardLayout): [y | y_up] = [x0 W^T + r * (x1 W12^T) + b | x0 W21^T + x1 W22^T + b_up].
+template <typename T>
+Problem<T> forward_problem(const ForwardParams& p) {
+  const Dims& d = p.dims;
+  const T* x0 = typed<T>(p.x.ptr);
+  const T* x1 = x0 + d.d_in;
+  T* y = static_cast<T*>(p.y);
+  Problem<T> prob;
+
+  Group<T> orig;  // original output columns: loop K over W, then W12 into the scaled accumulator
+  orig.rows = static_cast<int>(d.M);
+  orig.cols = static_cast<int>(d.d_out);
+  orig.segments[orig.num_segments++] = segment(x0, p.x.ld, typed<T>(p.w.ptr), p.w.ld, d.d_in);
+  if (p.w12.ptr != nullptr) {
+    orig.has_scaled = true;
+    orig.scaled = segment(x1, p.x.ld, typed<T>(p.w12.ptr), p.w12.ld, d.e_in);
+    orig.row_scale = p.route;
+  }
+  orig.bias = typed<T>(p.bias);
+  orig.out = y;
+  orig.ldo = p.ldy;
+  add_group(prob, orig);
+
+  Group<T> up;  // expansion output columns: loop K over W21, then W22
+  up.rows = static_cast<int>(d.M);
+  up.cols = static_cast<int>(d.e_out);
+  up.segments[up.num_segments++] = segment(x0, p.x.ld, typed<T>(p.w21.ptr), p.w21.ld, d.d_in);
+  up.segments[up.num_segments++] = segment(x1, p.x.ld, typed<T>(p.w22.ptr), p.w22.ld, d.e_in);
+  up.bias = typed<T>(p.bias_up);
+  up.out = y + d.d_out;
+  up.ldo = p.ldy;
+  add_group(prob, up);
+  return prob;
+}
+
+// Number of column tiles of the dx1 group = rows of the droute partial-sum buffer.
+inline int droute_partial_tiles(const Dims& d) { return ceil_div(d.e_in, kTileN); }
+
+// Rows of the partial-sum buffer that the backward-input launch actually writes (none without w12):
+// droute[m] = sum over the first droute_written_tiles(p) rows of partial[., m].
+inline int droute_written_tiles(const BackwardInputParams& p) {
+  return p.w12.ptr != nullptr ? droute_partial_tiles(p.dims) : 0;
+}
+
+// Backward input (BackwardInputLayout): dx0 = dy0 W + dy1 W21; dx1 = dy1 W22 + r * (dy0 W12) with
+// droute partials <x1, dy0 W12> per column tile of dx1 (reduced afterwards in a fixed order).
+template <typename T>
+Problem<T> backward_input_problem(const BackwardInputParams& p) {
+  const Dims& d = p.dims;
+  const T* dy0 = typed<T>(p.dy.ptr);
+  const T* dy1 = dy0 + d.d_out;
+  T* dx = static_cast<T*>(p.dx);
+  Problem<T> prob;
+
+  Group<T> orig;  // original input columns: dy0 . W then dy1 . W21
+  orig.rows = static_cast<int>(d.M);
+  orig.cols = static_cast<int>(d.d_in);
+  orig.segments[orig.num_segments++] = segment(dy0, p.dy.ld, typed<T>(p.w.ptr), p.w.ld, d.d_out);
+  orig.segments[orig.num_segments++] = segment(dy1, p.dy.ld, typed<T>(p.w21.ptr), p.w21.ld, d.e_out);
+  orig.out = dx;
+  orig.ldo = p.lddx;
+  add_group(prob, orig);
+
+  Group<T> up;  // expansion input columns: dy1 . W22 plus r * (dy0 . W12)
+  up.rows = static_cast<int>(d.M);
+  up.cols = static_cast<int>(d.e_in);
+  up.segments[up.num_segments++] = segment(dy1, p.dy.ld, typed<T>(p.w22.ptr), p.w22.ld, d.e_out);
+  if (p.w12.ptr != nullptr) {
+    up.has_scaled = true;
+    up.scaled = segment(dy0, p.dy.ld, typed<T>(p.w12.ptr), p.w12.ld, d.d_out);
+    up.row_scale = p.route;
+    if (p.droute != nullptr) {
+      up.dot = typed<T>(p.x.ptr) + d.d_in;
+      up.lddot = p.x.ld;
+      up.dot_partial = p.workspace;
+    }
+  }
+  up.out = dx + d.d_in;
+  up.ldo = p.lddx;
+  add_group(prob, up);
+  return prob;
+}
+
+// Backward weight (BackwardWeightLayout, K = tokens): only the requested gradients get tiles.
+//   dW21 = dy1^T x0 (e_out x d_in), dW22 = dy1^T x1 (e_out x e_in), dW12 = (r * dy0)^T x1 (d_out x e_in)
+template <typename T>
+Problem<T> backward_weight_problem(const BackwardWeightParams& p) {
+  const Dims& d = p.dims;
+  const T* dy0 = typed<T>(p.dy.ptr);
+  const T* dy1 = dy0 + d.d_out;
+  const T* x0 = typed<T>(p.x.ptr);
+  const T* x1 = x0 + d.d_in;
+  Problem<T> prob;
+  struct Wanted {
+    void* out;
+    int64_t rows, cols;
+    const T* a;
+    const T* b;
+    const float* k_scale;
+  };
+  const Wanted wanted[3] = {
+      {p.dw21, d.e_out, d.d_in, dy1, x0, nullptr},
+      {p.dw22, d.e_out, d.e_in, dy1, x1, nullptr},
+      {p.dw12, d.d_out, d.e_in, dy0, x1, p.route},
+  };
+  for (const Wanted& w : wanted) {
+    if (w.out == nullptr) continue;
+    Group<T> g;
+    g.rows = static_cast<int>(w.rows);
+    g.cols = static_cast<int>(w.cols);
+    g.segments[g.num_segments++] = segment(w.a, p.dy.ld, w.b, p.x.ld, d.M);
+    g.k_scale = w.k_scale;
+    g.out = static_cast<T*>(w.out);
+    g.ldo = w.cols;
+    add_group(prob, g);
+  }
+  return prob;
+}
+
+}  // namespace plan
+}  // namespace scale_kernels
