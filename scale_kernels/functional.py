@@ -85,9 +85,7 @@ def _backward_weight_op(
     need_w12: bool,
     backend: str,
 ) -> list[Tensor]:
-    grads = backends.get_backend(backend).backward_weight(
-        dy, x, route, d_in, d_out, need_w21, need_w22, need_w12
-    )
+    grads = backends.get_backend(backend).backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12)
     return [g for g in grads if g is not None]
 
 
@@ -128,9 +126,7 @@ def _backward(ctx, dy):
         droute = droute if need["route"] else None
     if need["w21"] or need["w22"] or need["w12"]:
         grads = iter(
-            _backward_weight_op(
-                dy, x, route, ctx.d_in, ctx.d_out, need["w21"], need["w22"], need["w12"], ctx.backend
-            )
+            _backward_weight_op(dy, x, route, ctx.d_in, ctx.d_out, need["w21"], need["w22"], need["w12"], ctx.backend)
         )
         dw21 = next(grads) if need["w21"] else None
         dw22 = next(grads) if need["w22"] else None

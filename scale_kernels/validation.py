@@ -35,9 +35,7 @@ def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != expected:
-        raise ValueError(
-            f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}")
 
 
 def check_upscaled_linear_args(

@@ -41,7 +41,5 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
-    grads = iter(
-        torch.ops.scale_kernels_cuda.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12)
-    )
+    grads = iter(torch.ops.scale_kernels_cuda.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12))
     return tuple(next(grads) if need else None for need in (need_w21, need_w22, need_w12))
