@@ -56,9 +56,7 @@ def _cuda_build() -> dict:
     if torch.version.cuda is None:
         raise RuntimeError(f"{BUILD_FLAG}=1 needs a CUDA build of torch, found torch {torch.__version__}")
     if CUDA_HOME is None:
-        raise RuntimeError(
-            f"{BUILD_FLAG}=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
-        )
+        raise RuntimeError(f"{BUILD_FLAG}=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
     ext = CUDAExtension(
         name="scale_kernels._C",
         sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))] + ["csrc/binding.cpp"],

@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_check_script():
-    spec = importlib.util.spec_from_file_location(
-        "check_cuda_compile", ROOT / "scripts" / "check_cuda_compile.py"
-    )
+    spec = importlib.util.spec_from_file_location("check_cuda_compile", ROOT / "scripts" / "check_cuda_compile.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -249,9 +247,7 @@ def test_weight_plan_computes_only_requested_grads(emu, wanted):
     )
     assert tiles == _tiles(*outs[wanted].shape)
     torch.testing.assert_close(outs[wanted], g_ref[wanted], rtol=1e-12, atol=1e-12)
-    assert all(outs[k].isnan().all() for k in outs if k != wanted), (
-        "a gradient that was not requested was written"
-    )
+    assert all(outs[k].isnan().all() for k in outs if k != wanted), "a gradient that was not requested was written"
 
 
 def test_droute_without_partials_is_zero(emu):
@@ -270,15 +266,9 @@ def test_droute_without_partials_is_zero(emu):
 
 
 def _setup_py(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SCALE_KERNELS_BUILD_CUDA", "SCALE_KERNELS_CUDA_ARCHS")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("SCALE_KERNELS_BUILD_CUDA", "SCALE_KERNELS_CUDA_ARCHS")}
     env.update(env_overrides)
-    return subprocess.run(
-        [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def test_setup_builds_nothing_by_default():
