@@ -7,7 +7,8 @@ the ``cuda`` backend reports itself unavailable. To build ``scale_kernels._C`` f
 
 Environment:
     SCALE_KERNELS_BUILD_CUDA=1          build the extension (needs nvcc and a CUDA build of torch)
-    SCALE_KERNELS_CUDA_ARCHS="80;90a"   target architectures (sm_80 or newer; default "80;90a")
+    SCALE_KERNELS_CUDA_ARCHS="80;90a"   target architectures (sm_80 or newer; default "80;90a"); PTX of the
+                                        lowest non-"a" arch is embedded too, for newer GPUs
     MAX_JOBS=N                          parallel compile jobs (read by torch's BuildExtension / ninja)
 
 See docs/cuda.md.
@@ -45,7 +46,12 @@ def _cuda_build() -> dict:
     """setup() arguments for the extension, or {} unless SCALE_KERNELS_BUILD_CUDA=1."""
     if os.environ.get(BUILD_FLAG, "0").strip() != "1":
         return {}
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in _archs()]
+    archs = _archs()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # plus PTX of the lowest portable arch, so GPUs newer than every listed arch can JIT-compile it
+    portable = sorted(int(a) for a in archs if not a.endswith("a"))
+    if portable:
+        gencode.append(f"-gencode=arch=compute_{portable[0]},code=compute_{portable[0]}")
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

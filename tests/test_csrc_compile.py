@@ -16,6 +16,7 @@ import ctypes
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,34 @@ def test_binding_cpp_syntax(tmp_path):
         pytest.skip(f"binding.cpp syntax check not feasible here: {cmd}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"g++ -fsyntax-only binding.cpp failed:\n{proc.stderr}"
+
+
+def _binding_schemas() -> dict[str, torch._C.FunctionSchema]:
+    """The m.def(...) schemas of csrc/binding.cpp, parsed by torch's own schema parser."""
+    src = (check.CSRC / "binding.cpp").read_text()
+    defs = [" ".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r"m\.def\((.*?)\);", src, flags=re.S)]
+    schemas = [torch._C.parse_schema(d) for d in defs]
+    return {s.name: s for s in schemas}
+
+
+def test_binding_schemas_match_the_python_contract():
+    """The op schemas parse (else the extension fails at import, on a GPU) and take the arguments in the order
+    scale_kernels/ops/cuda_upscaled_linear.py passes them."""
+    schemas = _binding_schemas()
+    expected = {
+        "forward": ["x", "w", "w21", "w22", "w12", "bias", "bias_up", "route"],
+        "backward_input": ["dy", "x", "w", "w21", "w22", "w12", "route", "need_droute"],
+        "backward_weight": ["dy", "x", "route", "d_in", "d_out", "need_w21", "need_w22", "need_w12"],
+    }
+    assert set(schemas) == set(expected)
+    for name, args in expected.items():
+        assert [a.name for a in schemas[name].arguments] == args, name
+    optional = {a.name for s in schemas.values() for a in s.arguments if str(a.type).startswith("Optional[")}
+    assert optional == {"w12", "bias", "bias_up", "route", "x"}  # x is optional in backward_input only
+    assert [str(r.type) for r in schemas["backward_input"].returns] == ["Tensor", "Tensor"]
+    assert str(schemas["backward_weight"].returns[0].type) == "List[Tensor]"
+    impls = set(re.findall(r'm\.impl\("(\w+)"', (check.CSRC / "binding.cpp").read_text()))
+    assert impls == set(expected), "every op needs a CUDA implementation"
 
 
 def test_check_script_compile_failure_is_reported(tmp_path, monkeypatch):
