@@ -19,19 +19,6 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, int tiles
   out[m] = sum;
 }
 
-template <typename T>
-struct BackwardInput {
-  static cudaError_t run(const BackwardInputParams& p, cudaStream_t stream) {
-    const cudaError_t err = tile::launch<T, plan::BackwardInputLayout>(plan::backward_input_problem<T>(p), stream);
-    if (err != cudaSuccess || p.droute == nullptr || p.dims.M == 0) return err;
-    const int M = static_cast<int>(p.dims.M);
-    // without w12 (or with e_in = 0) no tile writes a partial: tiles = 0 and droute = 0
-    sum_partials_kernel<<<plan::ceil_div(M, kReduceThreads), kReduceThreads, 0, stream>>>(
-        p.workspace, plan::droute_written_tiles(p), M, p.droute);
-    return cudaGetLastError();
-  }
-};
-
 }  // namespace
 
 size_t backward_input_workspace_floats(const Dims& dims) {
@@ -39,7 +26,13 @@ size_t backward_input_workspace_floats(const Dims& dims) {
 }
 
 cudaError_t upscaled_linear_backward_input(const BackwardInputParams& p, cudaStream_t stream) {
-  return tile::dispatch_dtype<BackwardInput>(p, stream);
+  const cudaError_t err = tile::dispatch_dtype<tile::RunPlan>(p, stream);
+  if (err != cudaSuccess || p.droute == nullptr || p.dims.M == 0) return err;
+  const int M = static_cast<int>(p.dims.M);
+  // without w12 (or with e_in = 0) no tile writes a partial: tiles = 0 and droute = 0
+  sum_partials_kernel<<<plan::ceil_div(M, kReduceThreads), kReduceThreads, 0, stream>>>(
+      p.workspace, plan::droute_written_tiles(p), M, p.droute);
+  return cudaGetLastError();
 }
 
 }  // namespace scale_kernels

@@ -4,19 +4,9 @@
 #include "upscaled_linear.h"
 
 namespace scale_kernels {
-namespace {
-
-template <typename T>
-struct BackwardWeight {
-  static cudaError_t run(const BackwardWeightParams& p, cudaStream_t stream) {
-    return tile::launch<T, plan::BackwardWeightLayout>(plan::backward_weight_problem<T>(p), stream);
-  }
-};
-
-}  // namespace
 
 cudaError_t upscaled_linear_backward_weight(const BackwardWeightParams& p, cudaStream_t stream) {
-  return tile::dispatch_dtype<BackwardWeight>(p, stream);
+  return tile::dispatch_dtype<tile::RunPlan>(p, stream);
 }
 
 }  // namespace scale_kernels

@@ -8,7 +8,8 @@
 // vector (the Python layer normalises it) and is ignored when w12 is absent.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -111,6 +112,16 @@ Weights check_weights(const Tensor& ref, int64_t M, int64_t in_width, const Tens
   return out;
 }
 
+// The dims and weight blocks of forward / backward-input params.
+template <typename Params>
+void set_weights(Params& p, const Weights& wt) {
+  p.dims = wt.dims;
+  p.w = ref_of(wt.w);
+  p.w21 = ref_of(wt.w21);
+  p.w22 = ref_of(wt.w22);
+  p.w12 = ref_of(wt.w12);
+}
+
 OptTensor check_route(const OptTensor& route, const OptTensor& w12, const Tensor& ref, int64_t M) {
   if (!route || !w12) return std::nullopt;  // the route only gates the W12 term
   return as_vector(*route, "route", ref, M, at::kFloat);
@@ -136,12 +147,8 @@ Tensor forward(const Tensor& x, const Tensor& w, const Tensor& w21, const Tensor
   const c10::cuda::CUDAGuard guard(x.device());
   ForwardParams p;
   p.dtype = dtype;
-  p.dims = d;
+  set_weights(p, wt);
   p.x = ref_of(xm);
-  p.w = ref_of(wt.w);
-  p.w21 = ref_of(wt.w21);
-  p.w22 = ref_of(wt.w22);
-  p.w12 = ref_of(wt.w12);
   p.bias = ptr_of(b);
   p.bias_up = ptr_of(bu);
   p.route = float_ptr_of(r);
@@ -176,13 +183,9 @@ std::tuple<Tensor, Tensor> backward_input(const Tensor& dy, const OptTensor& x, 
   Tensor workspace;
   BackwardInputParams p;
   p.dtype = dtype;
-  p.dims = d;
+  set_weights(p, wt);
   p.dy = ref_of(dym);
   p.x = ref_of(xm);
-  p.w = ref_of(wt.w);
-  p.w21 = ref_of(wt.w21);
-  p.w22 = ref_of(wt.w22);
-  p.w12 = ref_of(wt.w12);
   p.route = float_ptr_of(r);
   p.dx = dx.data_ptr();
   p.lddx = dx.stride(0);

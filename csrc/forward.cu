@@ -3,19 +3,9 @@
 #include "upscaled_linear.h"
 
 namespace scale_kernels {
-namespace {
-
-template <typename T>
-struct Forward {
-  static cudaError_t run(const ForwardParams& p, cudaStream_t stream) {
-    return tile::launch<T, plan::ForwardLayout>(plan::forward_problem<T>(p), stream);
-  }
-};
-
-}  // namespace
 
 cudaError_t upscaled_linear_forward(const ForwardParams& p, cudaStream_t stream) {
-  return tile::dispatch_dtype<Forward>(p, stream);
+  return tile::dispatch_dtype<tile::RunPlan>(p, stream);
 }
 
 }  // namespace scale_kernels

@@ -108,15 +108,41 @@ SCALE_KERNELS_HOST_DEVICE inline TileCoord locate_tile(const Problem<T>& p, int 
   return TileCoord{gi, tile_n, (t / g.col_tiles) * kTileM, tile_n * kTileN};
 }
 
+// An output group: (rows, cols) written to `out` with row stride ldo, plus an optional (cols,) bias.
 template <typename T>
-Segment<T> segment(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t k) {
+Group<T> output_group(int64_t rows, int64_t cols, T* out, int64_t ldo, const void* bias = nullptr) {
+  Group<T> g;
+  g.rows = static_cast<int>(rows);
+  g.cols = static_cast<int>(cols);
+  g.out = out;
+  g.ldo = ldo;
+  g.bias = static_cast<const T*>(bias);
+  return g;
+}
+
+template <typename T>
+Segment<T> segment(const T* a, int64_t lda, MatrixRef b, int64_t k) {
   Segment<T> s;
   s.a = a;
   s.lda = lda;
-  s.b = b;
-  s.ldb = ldb;
+  s.b = static_cast<const T*>(b.ptr);
+  s.ldb = b.ld;
   s.k = static_cast<int>(k);
   return s;
+}
+
+// Appends a plain segment (summed into the main accumulator).
+template <typename T>
+void add_segment(Group<T>& g, const T* a, int64_t lda, MatrixRef b, int64_t k) {
+  g.segments[g.num_segments++] = segment(a, lda, b, k);
+}
+
+// Sets the segment summed into the second accumulator, scaled per output row by row_scale (null = 1).
+template <typename T>
+void set_scaled(Group<T>& g, const T* a, int64_t lda, MatrixRef b, int64_t k, const float* row_scale) {
+  g.has_scaled = true;
+  g.scaled = segment(a, lda, b, k);
+  g.row_scale = row_scale;
 }
 
 // Appends a group and gives it its range of linear tile indices; empty outputs get no tiles at all.
@@ -129,42 +155,25 @@ void add_group(Problem<T>& p, Group<T> g) {
   p.groups[p.num_groups++] = g;
 }
 
-template <typename T>
-const T* typed(const void* ptr) {
-  return static_cast<const T*>(ptr);
-}
-
 // Forward (ForwardLayout): [y | y_up] = [x0 W^T + r * (x1 W12^T) + b | x0 W21^T + x1 W22^T + b_up].
 template <typename T>
 Problem<T> forward_problem(const ForwardParams& p) {
   const Dims& d = p.dims;
-  const T* x0 = typed<T>(p.x.ptr);
+  const T* x0 = static_cast<const T*>(p.x.ptr);
   const T* x1 = x0 + d.d_in;
   T* y = static_cast<T*>(p.y);
   Problem<T> prob;
 
-  Group<T> orig;  // original output columns: loop K over W, then W12 into the scaled accumulator
-  orig.rows = static_cast<int>(d.M);
-  orig.cols = static_cast<int>(d.d_out);
-  orig.segments[orig.num_segments++] = segment(x0, p.x.ld, typed<T>(p.w.ptr), p.w.ld, d.d_in);
-  if (p.w12.ptr != nullptr) {
-    orig.has_scaled = true;
-    orig.scaled = segment(x1, p.x.ld, typed<T>(p.w12.ptr), p.w12.ld, d.e_in);
-    orig.row_scale = p.route;
-  }
-  orig.bias = typed<T>(p.bias);
-  orig.out = y;
-  orig.ldo = p.ldy;
+  // original output columns: loop K over W, then W12 into the scaled accumulator
+  Group<T> orig = output_group<T>(d.M, d.d_out, y, p.ldy, p.bias);
+  add_segment(orig, x0, p.x.ld, p.w, d.d_in);
+  if (p.w12.ptr != nullptr) set_scaled(orig, x1, p.x.ld, p.w12, d.e_in, p.route);
   add_group(prob, orig);
 
-  Group<T> up;  // expansion output columns: loop K over W21, then W22
-  up.rows = static_cast<int>(d.M);
-  up.cols = static_cast<int>(d.e_out);
-  up.segments[up.num_segments++] = segment(x0, p.x.ld, typed<T>(p.w21.ptr), p.w21.ld, d.d_in);
-  up.segments[up.num_segments++] = segment(x1, p.x.ld, typed<T>(p.w22.ptr), p.w22.ld, d.e_in);
-  up.bias = typed<T>(p.bias_up);
-  up.out = y + d.d_out;
-  up.ldo = p.ldy;
+  // expansion output columns: loop K over W21, then W22
+  Group<T> up = output_group<T>(d.M, d.e_out, y + d.d_out, p.ldy, p.bias_up);
+  add_segment(up, x0, p.x.ld, p.w21, d.d_in);
+  add_segment(up, x1, p.x.ld, p.w22, d.e_in);
   add_group(prob, up);
   return prob;
 }
@@ -183,36 +192,28 @@ inline int droute_written_tiles(const BackwardInputParams& p) {
 template <typename T>
 Problem<T> backward_input_problem(const BackwardInputParams& p) {
   const Dims& d = p.dims;
-  const T* dy0 = typed<T>(p.dy.ptr);
+  const T* dy0 = static_cast<const T*>(p.dy.ptr);
   const T* dy1 = dy0 + d.d_out;
   T* dx = static_cast<T*>(p.dx);
   Problem<T> prob;
 
-  Group<T> orig;  // original input columns: dy0 . W then dy1 . W21
-  orig.rows = static_cast<int>(d.M);
-  orig.cols = static_cast<int>(d.d_in);
-  orig.segments[orig.num_segments++] = segment(dy0, p.dy.ld, typed<T>(p.w.ptr), p.w.ld, d.d_out);
-  orig.segments[orig.num_segments++] = segment(dy1, p.dy.ld, typed<T>(p.w21.ptr), p.w21.ld, d.e_out);
-  orig.out = dx;
-  orig.ldo = p.lddx;
+  // original input columns: dy0 . W then dy1 . W21
+  Group<T> orig = output_group<T>(d.M, d.d_in, dx, p.lddx);
+  add_segment(orig, dy0, p.dy.ld, p.w, d.d_out);
+  add_segment(orig, dy1, p.dy.ld, p.w21, d.e_out);
   add_group(prob, orig);
 
-  Group<T> up;  // expansion input columns: dy1 . W22 plus r * (dy0 . W12)
-  up.rows = static_cast<int>(d.M);
-  up.cols = static_cast<int>(d.e_in);
-  up.segments[up.num_segments++] = segment(dy1, p.dy.ld, typed<T>(p.w22.ptr), p.w22.ld, d.e_out);
+  // expansion input columns: dy1 . W22 plus r * (dy0 . W12)
+  Group<T> up = output_group<T>(d.M, d.e_in, dx + d.d_in, p.lddx);
+  add_segment(up, dy1, p.dy.ld, p.w22, d.e_out);
   if (p.w12.ptr != nullptr) {
-    up.has_scaled = true;
-    up.scaled = segment(dy0, p.dy.ld, typed<T>(p.w12.ptr), p.w12.ld, d.d_out);
-    up.row_scale = p.route;
+    set_scaled(up, dy0, p.dy.ld, p.w12, d.d_out, p.route);
     if (p.droute != nullptr) {
-      up.dot = typed<T>(p.x.ptr) + d.d_in;
+      up.dot = static_cast<const T*>(p.x.ptr) + d.d_in;
       up.lddot = p.x.ld;
       up.dot_partial = p.workspace;
     }
   }
-  up.out = dx + d.d_in;
-  up.ldo = p.lddx;
   add_group(prob, up);
   return prob;
 }
@@ -222,36 +223,55 @@ Problem<T> backward_input_problem(const BackwardInputParams& p) {
 template <typename T>
 Problem<T> backward_weight_problem(const BackwardWeightParams& p) {
   const Dims& d = p.dims;
-  const T* dy0 = typed<T>(p.dy.ptr);
+  const T* dy0 = static_cast<const T*>(p.dy.ptr);
   const T* dy1 = dy0 + d.d_out;
-  const T* x0 = typed<T>(p.x.ptr);
-  const T* x1 = x0 + d.d_in;
-  Problem<T> prob;
+  const T* x0 = static_cast<const T*>(p.x.ptr);
+  const MatrixRef x0_ref{x0, p.x.ld}, x1_ref{x0 + d.d_in, p.x.ld};
   struct Wanted {
     void* out;
     int64_t rows, cols;
     const T* a;
-    const T* b;
+    MatrixRef b;
     const float* k_scale;
   };
   const Wanted wanted[3] = {
-      {p.dw21, d.e_out, d.d_in, dy1, x0, nullptr},
-      {p.dw22, d.e_out, d.e_in, dy1, x1, nullptr},
-      {p.dw12, d.d_out, d.e_in, dy0, x1, p.route},
+      {p.dw21, d.e_out, d.d_in, dy1, x0_ref, nullptr},
+      {p.dw22, d.e_out, d.e_in, dy1, x1_ref, nullptr},
+      {p.dw12, d.d_out, d.e_in, dy0, x1_ref, p.route},
   };
+  Problem<T> prob;
   for (const Wanted& w : wanted) {
     if (w.out == nullptr) continue;
-    Group<T> g;
-    g.rows = static_cast<int>(w.rows);
-    g.cols = static_cast<int>(w.cols);
-    g.segments[g.num_segments++] = segment(w.a, p.dy.ld, w.b, p.x.ld, d.M);
+    Group<T> g = output_group<T>(w.rows, w.cols, static_cast<T*>(w.out), w.cols);
+    add_segment(g, w.a, p.dy.ld, w.b, d.M);
     g.k_scale = w.k_scale;
-    g.out = static_cast<T*>(w.out);
-    g.ldo = w.cols;
     add_group(prob, g);
   }
   return prob;
 }
+
+// Which plan and operand layout each op's parameters run: the one association the launchers (*.cu)
+// and the CPU emulator both use.
+template <typename Params>
+struct PlanFor;
+template <>
+struct PlanFor<ForwardParams> {
+  using Layout = ForwardLayout;
+  template <typename T>
+  static Problem<T> make(const ForwardParams& p) { return forward_problem<T>(p); }
+};
+template <>
+struct PlanFor<BackwardInputParams> {
+  using Layout = BackwardInputLayout;
+  template <typename T>
+  static Problem<T> make(const BackwardInputParams& p) { return backward_input_problem<T>(p); }
+};
+template <>
+struct PlanFor<BackwardWeightParams> {
+  using Layout = BackwardWeightLayout;
+  template <typename T>
+  static Problem<T> make(const BackwardWeightParams& p) { return backward_weight_problem<T>(p); }
+};
 
 }  // namespace plan
 }  // namespace scale_kernels

@@ -307,6 +307,16 @@ cudaError_t launch(const plan::Problem<T>& problem, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The single grouped launch of an op: PlanFor<Params> gives its plan and operand layout.
+template <typename T>
+struct RunPlan {
+  template <typename Params>
+  static cudaError_t run(const Params& params, cudaStream_t stream) {
+    using Plan = plan::PlanFor<Params>;
+    return launch<T, typename Plan::Layout>(Plan::template make<T>(params), stream);
+  }
+};
+
 // Calls Op<T>::run(params, stream) with T the element type named by params.dtype.
 template <template <typename> class Op, typename Params>
 cudaError_t dispatch_dtype(const Params& params, cudaStream_t stream) {

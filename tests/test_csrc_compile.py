@@ -196,6 +196,12 @@ def _reference_grads(c):
     return y.detach(), grads
 
 
+def _emu_weight_grads(emu, shape, c, outs: dict) -> int:
+    """Run the backward-weight plan into ``outs`` (None = gradient not requested); returns its tile count."""
+    grads = (_p(outs[k]) for k in ("w21", "w22", "w12"))
+    return emu.emu_backward_weight(*shape, *_mat(c["dy"]), *_mat(c["x"]), _p(c["route"]), *grads)
+
+
 def _nan(*shape) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float64)
 
@@ -212,11 +218,7 @@ def test_plans_match_fp64_reference(emu, shape, with_w12, route_kind):
 
     y = _nan(M, d_out + e_out)  # NaN prefill: an element no tile writes fails the comparison
     tiles = emu.emu_forward(
-        M,
-        d_in,
-        e_in,
-        d_out,
-        e_out,
+        *shape,
         *_weights_args(c, "x"),
         _p(c["bias"]),
         _p(c["bias_up"]),
@@ -229,28 +231,14 @@ def test_plans_match_fp64_reference(emu, shape, with_w12, route_kind):
     need_droute = c["route"] is not None
     dx = _nan(M, d_in + e_in)
     droute = torch.full((M,), float("nan"), dtype=torch.float32) if need_droute else None
-    tiles = emu.emu_backward_input(
-        M, d_in, e_in, d_out, e_out, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute)
-    )
+    tiles = emu.emu_backward_input(*shape, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute))
     assert tiles == _tiles(M, d_in) + _tiles(M, e_in)
     torch.testing.assert_close(dx, g_ref["x"], rtol=1e-12, atol=1e-12)
     if need_droute:  # partial sums are stored in fp32 (as on the GPU)
         torch.testing.assert_close(droute.double(), g_ref["route"], rtol=1e-5, atol=1e-5)
 
     dws = {"w21": _nan(e_out, d_in), "w22": _nan(e_out, e_in), "w12": _nan(d_out, e_in) if with_w12 else None}
-    tiles = emu.emu_backward_weight(
-        M,
-        d_in,
-        e_in,
-        d_out,
-        e_out,
-        *_mat(c["dy"]),
-        *_mat(c["x"]),
-        _p(c["route"]),
-        _p(dws["w21"]),
-        _p(dws["w22"]),
-        _p(dws["w12"]),
-    )
+    tiles = _emu_weight_grads(emu, shape, c, dws)
     assert tiles == _tiles(e_out, d_in) + _tiles(e_out, e_in) + (_tiles(d_out, e_in) if with_w12 else 0)
     for k, v in dws.items():
         if v is not None:
@@ -263,17 +251,7 @@ def test_weight_plan_computes_only_requested_grads(emu, wanted):
     c = _case(shape, True, "soft", seed=1)
     _, g_ref = _reference_grads(c)
     outs = {"w21": _nan(e_out, d_in), "w22": _nan(e_out, e_in), "w12": _nan(d_out, e_in)}
-    tiles = emu.emu_backward_weight(
-        M,
-        d_in,
-        e_in,
-        d_out,
-        e_out,
-        *_mat(c["dy"]),
-        *_mat(c["x"]),
-        _p(c["route"]),
-        *(_p(outs[k]) if k == wanted else None for k in ("w21", "w22", "w12")),
-    )
+    tiles = _emu_weight_grads(emu, shape, c, {k: (v if k == wanted else None) for k, v in outs.items()})
     assert tiles == _tiles(*outs[wanted].shape)
     torch.testing.assert_close(outs[wanted], g_ref[wanted], rtol=1e-12, atol=1e-12)
     assert all(outs[k].isnan().all() for k in outs if k != wanted), "a gradient that was not requested was written"
@@ -281,12 +259,10 @@ def test_weight_plan_computes_only_requested_grads(emu, wanted):
 
 def test_droute_without_partials_is_zero(emu):
     """e_in = 0 with w12 present: no dx1 tile exists, droute must still be written (as zeros)."""
-    M, d_in, e_in, d_out, e_out = 7, 5, 0, 6, 2
-    c = _case((M, d_in, e_in, d_out, e_out), True, "soft")
+    M, d_in, e_in, d_out, e_out = shape = 7, 5, 0, 6, 2
+    c = _case(shape, True, "soft")
     dx, droute = _nan(M, d_in), torch.full((M,), float("nan"), dtype=torch.float32)
-    emu.emu_backward_input(
-        M, d_in, e_in, d_out, e_out, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute)
-    )
+    emu.emu_backward_input(*shape, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute))
     assert torch.equal(droute, torch.zeros(M))
 
 

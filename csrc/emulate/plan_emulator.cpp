@@ -74,10 +74,31 @@ Dims dims_of(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int64_t e_out
   return d;
 }
 
+// The four weight blocks of forward / backward-input params.
+template <typename Params>
+void set_weights(Params& p, const double* w, int64_t ldw, const double* w21, int64_t ldw21, const double* w22,
+                 int64_t ldw22, const double* w12, int64_t ldw12) {
+  p.w = MatrixRef{w, ldw};
+  p.w21 = MatrixRef{w21, ldw21};
+  p.w22 = MatrixRef{w22, ldw22};
+  p.w12 = MatrixRef{w12, ldw12};
+}
+
+// Builds and runs the op's plan exactly as its launcher does; returns the grid size.
+template <typename Params>
+int run_plan(const Params& p) {
+  using Plan = plan::PlanFor<Params>;
+  const plan::Problem<T> prob = Plan::template make<T>(p);
+  run<typename Plan::Layout>(prob);
+  return prob.num_tiles;
+}
+
 }  // namespace
 }  // namespace scale_kernels
 
 using scale_kernels::MatrixRef;
+using scale_kernels::run_plan;
+using scale_kernels::set_weights;
 
 extern "C" {
 
@@ -89,18 +110,13 @@ int emu_forward(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int64_t e_
   scale_kernels::ForwardParams p;
   p.dims = scale_kernels::dims_of(M, d_in, e_in, d_out, e_out);
   p.x = MatrixRef{x, ldx};
-  p.w = MatrixRef{w, ldw};
-  p.w21 = MatrixRef{w21, ldw21};
-  p.w22 = MatrixRef{w22, ldw22};
-  p.w12 = MatrixRef{w12, ldw12};
+  set_weights(p, w, ldw, w21, ldw21, w22, ldw22, w12, ldw12);
   p.bias = bias;
   p.bias_up = bias_up;
   p.route = route;
   p.y = y;
   p.ldy = d_out + e_out;
-  const auto prob = scale_kernels::plan::forward_problem<double>(p);
-  scale_kernels::run<scale_kernels::plan::ForwardLayout>(prob);
-  return prob.num_tiles;
+  return run_plan(p);
 }
 
 int emu_backward_input(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int64_t e_out, const double* dy,
@@ -111,10 +127,7 @@ int emu_backward_input(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int
   p.dims = scale_kernels::dims_of(M, d_in, e_in, d_out, e_out);
   p.dy = MatrixRef{dy, lddy};
   p.x = MatrixRef{x, ldx};
-  p.w = MatrixRef{w, ldw};
-  p.w21 = MatrixRef{w21, ldw21};
-  p.w22 = MatrixRef{w22, ldw22};
-  p.w12 = MatrixRef{w12, ldw12};
+  set_weights(p, w, ldw, w21, ldw21, w22, ldw22, w12, ldw12);
   p.route = route;
   p.dx = dx;
   p.lddx = d_in + e_in;
@@ -122,8 +135,7 @@ int emu_backward_input(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int
   std::vector<float> workspace(static_cast<size_t>(scale_kernels::plan::droute_partial_tiles(p.dims) * M), -1e30f);
   p.droute = droute;
   p.workspace = workspace.data();
-  const auto prob = scale_kernels::plan::backward_input_problem<double>(p);
-  scale_kernels::run<scale_kernels::plan::BackwardInputLayout>(prob);
+  const int tiles_launched = run_plan(p);
   if (droute != nullptr) {  // the reduction kernel: fixed order over the written partial rows
     const int tiles = scale_kernels::plan::droute_written_tiles(p);
     for (int64_t m = 0; m < M; ++m) {
@@ -132,7 +144,7 @@ int emu_backward_input(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int
       droute[m] = sum;
     }
   }
-  return prob.num_tiles;
+  return tiles_launched;
 }
 
 int emu_backward_weight(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, int64_t e_out, const double* dy,
@@ -146,9 +158,7 @@ int emu_backward_weight(int64_t M, int64_t d_in, int64_t e_in, int64_t d_out, in
   p.dw21 = dw21;
   p.dw22 = dw22;
   p.dw12 = dw12;
-  const auto prob = scale_kernels::plan::backward_weight_problem<double>(p);
-  scale_kernels::run<scale_kernels::plan::BackwardWeightLayout>(prob);
-  return prob.num_tiles;
+  return run_plan(p);
 }
 
 }  // extern "C"
