@@ -1,7 +1,7 @@
 // Backward-input launch: dx = [dy0 W + dy1 W21 | dy1 W22 + r * (dy0 W12)] in one grouped launch
 // (plan: backward_input_problem), plus, when droute is requested, a small fixed-order reduction of the
 // per-column-tile partial sums <x1, dy0 W12> (deterministic: no atomics).
-#include "tile_gemm.cuh"
+#include "launch.cuh"
 #include "upscaled_linear.h"
 
 namespace scale_kernels {
@@ -9,14 +9,10 @@ namespace {
 
 constexpr int kReduceThreads = 256;
 
-// droute[m] = sum_t partial[t * M + m], summed in tile order.
 __global__ void sum_partials_kernel(const float* __restrict__ partial, int tiles, int M,
                                     float* __restrict__ out) {
   const int m = blockIdx.x * blockDim.x + threadIdx.x;
-  if (m >= M) return;
-  float sum = 0.f;
-  for (int t = 0; t < tiles; ++t) sum += partial[static_cast<int64_t>(t) * M + m];
-  out[m] = sum;
+  if (m < M) out[m] = tile::sum_partials(partial, tiles, M, m);
 }
 
 }  // namespace

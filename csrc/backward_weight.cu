@@ -1,6 +1,6 @@
 // Backward-weight launch: the requested gradients among dW21 = dy1^T x0, dW22 = dy1^T x1 and
 // dW12 = (r * dy0)^T x1 in one grouped launch (plan: backward_weight_problem). dW is never computed.
-#include "tile_gemm.cuh"
+#include "launch.cuh"
 #include "upscaled_linear.h"
 
 namespace scale_kernels {

@@ -1,5 +1,5 @@
 // Forward launch: every output tile of [y | y_up] in one grouped launch (plan: forward_problem).
-#include "tile_gemm.cuh"
+#include "launch.cuh"
 #include "upscaled_linear.h"
 
 namespace scale_kernels {

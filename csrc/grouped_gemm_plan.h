@@ -1,8 +1,7 @@
 // The tile plan: how each of the three ops becomes ONE launch of a grouped tile GEMM.
 //
-// Host-only and header-only, with no torch or CUDA dependency: the kernels (*.cu) build their launch
-// arguments with it, and csrc/emulate/plan_emulator.cpp runs the very same plans on the CPU so the
-// decomposition (block offsets, strides, route scaling, droute partials) is tested without a GPU.
+// Header-only, with no torch or CUDA dependency: the launchers (*.cu) build their launch arguments with it,
+// and csrc/emulate/kernel_emulator.cpp runs the very same plans through the device code on the CPU.
 //
 // A launch computes every output tile of up to kMaxGroups output matrices ("groups"). For one group:
 //

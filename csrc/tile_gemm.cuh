@@ -1,5 +1,6 @@
 // Device side of the grouped tile GEMM shared by the forward, backward-input and backward-weight kernels
-// (the plan each launch runs is built by grouped_gemm_plan.h). No torch headers.
+// (the plan each launch runs is built by grouped_gemm_plan.h; launch.cuh launches it). No torch headers.
+// Also compiled by g++ for the CPU kernel emulation (SCALE_KERNELS_HOST_EMULATION, tests only).
 //
 // One thread block = one kTileM x kTileN output tile of one group, 128 threads (4 warps):
 //   1. for each segment, for each kTileK slice: global -> shared (16-byte vector loads when the operand is
@@ -12,8 +13,8 @@
 // hand-written mma.sync PTX or CUTLASS/CuTe: CUTLASS is not available offline here; mma.sync needs the
 // per-lane fragment layouts and ldmatrix addressing written by hand, a class of bug that can only be
 // caught on a GPU, and this code had to be written without one. WMMA's fragment semantics are defined by
-// the API (load/store through shared memory with a documented layout), so correctness follows from the
-// indexing that the CPU plan emulation checks. The cost is some peak throughput (no swizzled ldmatrix,
+// the API (load/store through shared memory with a documented layout), which the CPU emulation
+// (csrc/emulate/) reproduces, so this very code is exercised on the CPU in every CI run. The cost is some peak throughput (no swizzled ldmatrix,
 // no wgmma on sm_90); the kernels are structured so the MMA core can be swapped without touching the
 // plan, the loaders or the epilogue.
 // fp32 runs a SIMT core (exact fp32 FMA; matches torch's default allow_tf32=False matmuls).
@@ -25,10 +26,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(SCALE_KERNELS_HOST_EMULATION)
+#include "emulate/cuda_host_shim.h"  // CPU stand-ins: csrc/emulate/kernel_emulator.cpp runs this code on the CPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#endif
 
 #include "grouped_gemm_plan.h"
 #include "upscaled_linear_params.h"
@@ -78,6 +83,13 @@ struct TileLayout {
   __device__ static __forceinline__ int offset(int e, int k) { return KContig ? e * kLd + k : k * kLd + e; }
 };
 
+// 16 bytes of T as one aligned aggregate: copies of it are single 128-bit accesses, and reading T elements
+// through it is type-correct (no uint4 punning, so no strict-aliasing hazard in any compiler).
+template <typename T>
+struct alignas(16) Vec16 {
+  T v[16 / sizeof(T)];
+};
+
 // Loads the operand tile with non-K coordinates [e0, e0 + Extent) and K coordinates [k0, k0 + kTileK)
 // from global memory (row-major with row stride ldg along the layout's outer dimension), zero-filling
 // everything outside [0, e_lim) x [0, k_lim); when k_scale is set every element is scaled by
@@ -98,13 +110,13 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ldg, int 
     const int i = (c % kChunksPerRow) * kVec;
     const int go = o0 + o;
     const int gi = i0 + i;
-    alignas(16) T v[kVec];
+    Vec16<T> v;
     if (go < o_lim && vec_ok && gi + kVec <= i_lim) {
-      *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(g + go * ldg + gi));
+      v = *reinterpret_cast<const Vec16<T>*>(g + go * ldg + gi);  // one 128-bit load
     } else {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        v[j] = (go < o_lim && gi + j < i_lim) ? g[go * ldg + gi + j] : from_float<T>(0.f);
+        v.v[j] = (go < o_lim && gi + j < i_lim) ? g[go * ldg + gi + j] : from_float<T>(0.f);
       }
     }
     if (k_scale != nullptr) {
@@ -112,10 +124,10 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ldg, int 
       for (int j = 0; j < kVec; ++j) {
         const int k = kKC ? gi + j : go;
         const float s = k < k_lim ? k_scale[k] : 0.f;
-        v[j] = from_float<T>(to_float(v[j]) * s);
+        v.v[j] = from_float<T>(to_float(v.v[j]) * s);
       }
     }
-    *reinterpret_cast<uint4*>(smem + o * Layout::kLd + i) = *reinterpret_cast<const uint4*>(v);
+    *reinterpret_cast<Vec16<T>*>(smem + o * Layout::kLd + i) = v;  // one 128-bit store
   }
 }
 
@@ -273,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) grouped_tile_gemm_kernel(const plan:
   using Core = typename CoreFor<T, ALayout, BLayout>::type;
   constexpr int kOperandBytes = (ALayout::kElems + BLayout::kElems) * static_cast<int>(sizeof(T));
   constexpr int kStagingBytes = 2 * kTileM * kLdC * static_cast<int>(sizeof(float));
-  __shared__ alignas(128) unsigned char smem[kOperandBytes > kStagingBytes ? kOperandBytes : kStagingBytes];
+  alignas(128) __shared__ unsigned char smem[kOperandBytes > kStagingBytes ? kOperandBytes : kStagingBytes];
   T* sA = reinterpret_cast<T*>(smem);
   T* sB = sA + ALayout::kElems;
 
@@ -300,35 +312,26 @@ __global__ void __launch_bounds__(kThreads) grouped_tile_gemm_kernel(const plan:
   write_output(g, m0, n0, sC, sS);
 }
 
-template <typename T, typename Layout>
-cudaError_t launch(const plan::Problem<T>& problem, cudaStream_t stream) {
-  if (problem.num_tiles == 0) return cudaSuccess;
-  grouped_tile_gemm_kernel<T, Layout><<<problem.num_tiles, kThreads, 0, stream>>>(problem);
-  return cudaGetLastError();
+// droute[m] = sum_t partial[t * M + m], summed in tile order (deterministic).
+__device__ __forceinline__ float sum_partials(const float* partial, int tiles, int M, int m) {
+  float sum = 0.f;
+  for (int t = 0; t < tiles; ++t) sum += partial[static_cast<int64_t>(t) * M + m];
+  return sum;
 }
 
-// The single grouped launch of an op: PlanFor<Params> gives its plan and operand layout.
-template <typename T>
-struct RunPlan {
-  template <typename Params>
-  static cudaError_t run(const Params& params, cudaStream_t stream) {
-    using Plan = plan::PlanFor<Params>;
-    return launch<T, typename Plan::Layout>(Plan::template make<T>(params), stream);
-  }
-};
-
-// Calls Op<T>::run(params, stream) with T the element type named by params.dtype.
-template <template <typename> class Op, typename Params>
-cudaError_t dispatch_dtype(const Params& params, cudaStream_t stream) {
+// Op<T>::run(params, args...) with T the element type named by params.dtype (used by the CUDA launchers
+// and by the CPU emulation).
+template <template <typename> class Op, typename Params, typename... Args>
+auto dispatch_dtype(const Params& params, Args&&... args) {
   switch (params.dtype) {
-    case ScalarType::Float32:
-      return Op<float>::run(params, stream);
     case ScalarType::Float16:
-      return Op<__half>::run(params, stream);
+      return Op<__half>::run(params, args...);
     case ScalarType::BFloat16:
-      return Op<__nv_bfloat16>::run(params, stream);
+      return Op<__nv_bfloat16>::run(params, args...);
+    case ScalarType::Float32:
+      break;
   }
-  return cudaErrorInvalidValue;
+  return Op<float>::run(params, args...);
 }
 
 }  // namespace tile

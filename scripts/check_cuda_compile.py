@@ -5,7 +5,7 @@
   same half/bf16 macros torch's ``CUDAExtension`` adds, warnings as errors;
 * ``csrc/binding.cpp`` gets a ``g++ -fsyntax-only`` against the installed torch's headers (a CPU wheel
   lacks one CMake-generated header, ``c10/cuda/impl/cuda_cmake_macros.h``; a one-line stub stands in);
-* ``csrc/emulate/plan_emulator.cpp`` is built into a shared library for the CPU plan-emulation tests.
+* ``csrc/emulate/kernel_emulator.cpp`` is built into a shared library for the CPU kernel-emulation tests.
 
 Usage: ``python scripts/check_cuda_compile.py [--arch 80 --arch 90a] [--jobs 2] [--no-binding]``.
 Exit status 0 when everything compiled, 1 on a failure, 77 when nvcc is not found (a skip).
@@ -151,21 +151,24 @@ def binding_syntax_command(nvcc: str, stub_dir: Path) -> list[str] | str:
 
 
 def build_emulator(out_dir: Path) -> Path:
-    """Build csrc/emulate/plan_emulator.cpp into a shared library (raises CalledProcessError on failure)."""
+    """Build the CPU kernel emulation (csrc/emulate/kernel_emulator.cpp: the real device code of
+    csrc/tile_gemm.cuh on std::threads) into a shared library; raises CalledProcessError on failure."""
     gxx = shutil.which("g++") or shutil.which("c++")
     if gxx is None:
-        raise FileNotFoundError("no host C++ compiler (g++) to build the plan emulator")
-    lib = out_dir / "plan_emulator.so"
+        raise FileNotFoundError("no host C++ compiler (g++) to build the kernel emulator")
+    lib = out_dir / "kernel_emulator.so"
     cmd = [
         gxx,
-        "-std=c++17",
-        "-O1",
+        "-std=c++20",
+        "-O2",
         "-Wall",
         "-Wextra",
         "-Werror",
+        "-Wno-unknown-pragmas",
         "-shared",
         "-fPIC",
-        str(CSRC / "emulate" / "plan_emulator.cpp"),
+        "-pthread",
+        str(CSRC / "emulate" / "kernel_emulator.cpp"),
         "-o",
         str(lib),
     ]

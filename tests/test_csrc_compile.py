@@ -2,11 +2,10 @@
 
 1. Every ``csrc/*.cu`` compiles with nvcc for sm_80 and sm_90a (skipped with the reason when nvcc is absent).
 2. ``csrc/binding.cpp`` passes ``g++ -fsyntax-only`` against torch's headers (skipped when not feasible).
-3. The tile plans (``csrc/grouped_gemm_plan.h``, shared with the kernels) run through the CPU emulator
-   (``csrc/emulate/plan_emulator.cpp``) match the fp64 autograd reference: this checks how each op is
-   decomposed into groups/segments/tiles (offsets, strides, route scaling, droute partials, which
-   gradients get tiles), NOT the device code (loaders, WMMA/SIMT cores) -- that needs a GPU
-   (tests/test_ops_cuda.py).
+3. The kernels' real device code (``csrc/tile_gemm.cuh`` on the plans of ``grouped_gemm_plan.h``), run on
+   CPU threads by ``csrc/emulate/kernel_emulator.cpp``, passes the shared reference test in fp32/fp16/bf16
+   through the whole autograd path. What this cannot show (nvcc code generation, real tensor-core
+   numerics, the binding, timing/memory-model effects) is left to tests/test_ops_cuda.py on a GPU.
 4. ``setup.py`` builds nothing without SCALE_KERNELS_BUILD_CUDA=1 and fails clearly with it when it cannot.
 """
 
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_matches_reference, make_operands, run
 
-from scale_kernels.reference import upscaled_linear_reference
+import scale_kernels as sk
+from scale_kernels import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,19 +113,23 @@ def test_check_script_compile_failure_is_reported(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. plan emulation
+# 3. kernel emulation: the real device code of csrc/tile_gemm.cuh, run on CPU threads
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ScalarType in upscaled_linear_params.h
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     try:
         lib = ctypes.CDLL(str(check.build_emulator(tmp_path_factory.mktemp("emu"))))
-    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot build the plan emulator: {getattr(exc, 'stderr', exc)}")
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.emu_forward.argtypes = [i64] * 5 + [ptr, i64] * 5 + [ptr] * 4
-    lib.emu_backward_input.argtypes = [i64] * 5 + [ptr, i64] * 6 + [ptr] * 3
-    lib.emu_backward_weight.argtypes = [i64] * 5 + [ptr, i64, ptr, i64] + [ptr] * 4
+    except FileNotFoundError as exc:
+        pytest.skip(f"cannot build the kernel emulator: {exc}")
+    except subprocess.CalledProcessError as exc:  # the sources are broken: a failure, not a skip
+        pytest.fail(f"building csrc/emulate/kernel_emulator.cpp failed:\n{exc.stderr}")
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.emu_forward.argtypes = [i32] + [i64] * 5 + [ptr, i64] * 5 + [ptr] * 4
+    lib.emu_backward_input.argtypes = [i32] + [i64] * 5 + [ptr, i64] * 6 + [ptr] * 3
+    lib.emu_backward_weight.argtypes = [i32] + [i64] * 5 + [ptr, i64] * 2 + [ptr] * 4
     return lib
 
 
@@ -132,138 +137,172 @@ def _p(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _strided(rows: int, cols: int, gen: torch.Generator, pad: int = 5) -> torch.Tensor:
-    """A (rows, cols) fp64 view with row stride cols + pad and a 3-element offset (a column slice)."""
-    return torch.randn(rows, cols + pad, dtype=torch.float64, generator=gen)[:, 3 : 3 + cols]
+def _mat(t: torch.Tensor | None) -> tuple:
+    """(pointer, row stride) of a matrix with unit column stride (what the binding passes)."""
+    if t is None:
+        return (None, 0)
+    assert t.stride(1) == 1 or t.shape[1] <= 1, "the binding copies such a matrix; do it before calling"
+    return (_p(t), t.stride(0))
 
 
-def _mat(t: torch.Tensor | None):
-    """(pointer, row stride) arguments of a matrix."""
-    return (None, 0) if t is None else (_p(t), t.stride(0))
+def _nan(*shape, dtype=torch.float32) -> torch.Tensor:
+    """NaN-filled output: an element that no tile writes fails every comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+class EmulatedCudaBackend:
+    """The ``cuda`` backend with the kernels run by the CPU emulator instead of the GPU (the role of
+    csrc/binding.cpp: unit column strides, output allocation, dims), on CPU tensors."""
+
+    name = "cuda"
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.tiles: list[int] = []  # grid size of every emulated launch
+
+    def unavailable_reason(self, device, dtype):
+        return None if dtype in _DTYPE_CODES else f"the cuda backend supports fp32/fp16/bf16, got {dtype}"
+
+    @staticmethod
+    def _dims(x_width, w, w21):
+        d_out, d_in = w.shape
+        return d_in, x_width - d_in, d_out, w21.shape[0]
+
+    def forward(self, x, w, w21, w22, w12, bias, bias_up, route):
+        d_in, e_in, d_out, e_out = self._dims(x.shape[1], w, w21)
+        y = _nan(x.shape[0], d_out + e_out, dtype=x.dtype)
+        weights = [a for t in (x, w, w21, w22, w12) for a in _mat(t)]
+        self.tiles.append(
+            self.lib.emu_forward(
+                _DTYPE_CODES[x.dtype],
+                x.shape[0],
+                d_in,
+                e_in,
+                d_out,
+                e_out,
+                *weights,
+                _p(bias),
+                _p(bias_up),
+                _p(route),
+                _p(y),
+            )
+        )
+        return y
+
+    def backward_input(self, dy, x, w, w21, w22, w12, route, need_droute):
+        d_in, e_in, d_out, e_out = self._dims(w.shape[1] + w22.shape[1], w, w21)
+        dx = _nan(dy.shape[0], d_in + e_in, dtype=dy.dtype)
+        droute = _nan(dy.shape[0]) if need_droute else None
+        mats = [a for t in (dy, x if need_droute else None, w, w21, w22, w12) for a in _mat(t)]
+        self.tiles.append(
+            self.lib.emu_backward_input(
+                _DTYPE_CODES[dy.dtype], dy.shape[0], d_in, e_in, d_out, e_out, *mats, _p(route), _p(dx), _p(droute)
+            )
+        )
+        return dx, droute
+
+    def backward_weight(self, dy, x, route, d_in, d_out, need_w21, need_w22, need_w12):
+        e_in, e_out = x.shape[1] - d_in, dy.shape[1] - d_out
+        shapes = {"w21": (e_out, d_in), "w22": (e_out, e_in), "w12": (d_out, e_in)}
+        needs = {"w21": need_w21, "w22": need_w22, "w12": need_w12}
+        grads = {k: _nan(*shapes[k], dtype=dy.dtype) if needs[k] else None for k in shapes}
+        self.tiles.append(
+            self.lib.emu_backward_weight(
+                _DTYPE_CODES[dy.dtype],
+                dy.shape[0],
+                d_in,
+                e_in,
+                d_out,
+                e_out,
+                *_mat(dy),
+                *_mat(x),
+                _p(route),
+                *(_p(g) for g in grads.values()),
+            )
+        )
+        return tuple(grads.values())
+
+
+@pytest.fixture
+def emulated(emu, monkeypatch):
+    """Route backend 'cuda' of the dispatcher to the emulated kernels for this test."""
+    fake = EmulatedCudaBackend(emu)
+    real_load = backends._load
+    monkeypatch.setattr(backends, "_load", lambda name: fake if name == "cuda" else real_load(name))
+    return fake
 
 
 def _tiles(rows: int, cols: int) -> int:
     return math.ceil(rows / 64) * math.ceil(cols / 64) if rows > 0 and cols > 0 else 0
 
 
-SHAPES = [  # (M, d_in, e_in, d_out, e_out): tile edges, e_in=0, e_out=0, M=0
-    (70, 37, 66, 65, 5),
-    (129, 33, 130, 3, 64),
-    (5, 8, 0, 7, 3),
-    (9, 6, 4, 130, 0),
-    (0, 6, 4, 5, 3),
-]
-ROUTES = ["none", "mask", "soft"]
+EMU_CASES = {  # (lead, d_in, e_in, d_out, e_out), w12, route
+    "odd": (((70,), 37, 66, 65, 5), "trainable", "soft"),
+    "odd_3d_random": (((3, 23), 33, 70, 17, 66), "trainable", "random"),
+    "frozen_w12": (((67,), 45, 19, 53, 11), "frozen", "soft"),
+    "preserve": (((67,), 45, 19, 130, 11), "none", "none"),
+    "aligned": (((64,), 64, 64, 64, 64), "trainable", "zeros"),
+    # 16-byte aligned rows (128-bit loads) with partial tiles: K = 40 = 32 + 8, N = 72 = 64 + 8
+    "vec_edges": (((70,), 40, 24, 72, 24), "trainable", "soft"),
+    "e_in0": (((9,), 40, 0, 24, 8), "trainable", "soft"),
+    "e_out0": (((9,), 24, 16, 48, 0), "trainable", "random"),
+    "empty": (((0,), 16, 8, 16, 8), "trainable", "soft"),
+}
 
 
-def _case(shape, with_w12: bool, route_kind: str, seed: int = 0):
-    M, d_in, e_in, d_out, e_out = shape
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)
-    c = {  # every input matrix has its own row stride, so a plan that mixes them up fails
-        "x": _strided(M, d_in + e_in, gen),
-        "dy": _strided(M, d_out + e_out, gen, pad=6),
-        "w": _strided(d_out, d_in, gen, pad=7),
-        "w21": _strided(e_out, d_in, gen, pad=8),
-        "w22": _strided(e_out, e_in, gen, pad=9),
-        "w12": _strided(d_out, e_in, gen, pad=10) if with_w12 else None,
-        "bias": rnd(d_out),
-        "bias_up": rnd(e_out),
-        "route": None,
-    }
-    if with_w12 and route_kind == "mask":
-        c["route"] = (torch.rand(M, generator=gen) > 0.5).float()
-    elif with_w12 and route_kind == "soft":
-        c["route"] = torch.rand(M, generator=gen).float() * 2 - 0.5
-    return c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", list(EMU_CASES))
+def test_emulated_kernels_match_reference(emulated, case, dtype):
+    """The same reference test as every backend (helpers.assert_matches_reference), kernels emulated."""
+    sizes, w12, route = EMU_CASES[case]
+    ops = make_operands(*sizes, w12=w12, route=route, bias=case != "aligned")
+    assert_matches_reference(ops, dtype, "cuda")
+    assert emulated.tiles, "the emulated kernels did not run"
 
 
-def _weights_args(c, *activations: str) -> list:
-    """(pointer, row stride) of the given activations, then of w, w21, w22, w12."""
-    return [a for k in (*activations, "w", "w21", "w22", "w12") for a in _mat(c[k])]
-
-
-def _reference_grads(c):
-    """fp64 autograd of the plain-PyTorch spec: y and every gradient the kernels produce."""
-    leaves = {k: c[k].clone().requires_grad_(True) for k in ("x", "w21", "w22", "w12") if c[k] is not None}
-    route = None if c["route"] is None else c["route"].double().requires_grad_(True)
-    y = upscaled_linear_reference(
-        leaves["x"], c["w"], leaves["w21"], leaves["w22"], leaves.get("w12"), c["bias"], c["bias_up"], route
-    )
-    y.backward(c["dy"])
-    grads = {k: v.grad for k, v in leaves.items()}
-    grads["route"] = None if route is None else route.grad
-    return y.detach(), grads
-
-
-def _emu_weight_grads(emu, shape, c, outs: dict) -> int:
-    """Run the backward-weight plan into ``outs`` (None = gradient not requested); returns its tile count."""
-    grads = (_p(outs[k]) for k in ("w21", "w22", "w12"))
-    return emu.emu_backward_weight(*shape, *_mat(c["dy"]), *_mat(c["x"]), _p(c["route"]), *grads)
-
-
-def _nan(*shape) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=torch.float64)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_din{}_ein{}_dout{}_eout{}".format(*s))
-@pytest.mark.parametrize("with_w12", [False, True], ids=["no_w12", "w12"])
-@pytest.mark.parametrize("route_kind", ROUTES)
-def test_plans_match_fp64_reference(emu, shape, with_w12, route_kind):
-    if not with_w12 and route_kind != "none":
-        pytest.skip("the route only gates the W12 term (the Python layer passes None without w12)")
-    M, d_in, e_in, d_out, e_out = shape
-    c = _case(shape, with_w12, route_kind)
-    y_ref, g_ref = _reference_grads(c)
-
-    y = _nan(M, d_out + e_out)  # NaN prefill: an element no tile writes fails the comparison
-    tiles = emu.emu_forward(
-        *shape,
-        *_weights_args(c, "x"),
-        _p(c["bias"]),
-        _p(c["bias_up"]),
-        _p(c["route"]),
-        _p(y),
-    )
-    assert tiles == _tiles(M, d_out) + _tiles(M, e_out)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-
-    need_droute = c["route"] is not None
-    dx = _nan(M, d_in + e_in)
-    droute = torch.full((M,), float("nan"), dtype=torch.float32) if need_droute else None
-    tiles = emu.emu_backward_input(*shape, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute))
-    assert tiles == _tiles(M, d_in) + _tiles(M, e_in)
-    torch.testing.assert_close(dx, g_ref["x"], rtol=1e-12, atol=1e-12)
-    if need_droute:  # partial sums are stored in fp32 (as on the GPU)
-        torch.testing.assert_close(droute.double(), g_ref["route"], rtol=1e-5, atol=1e-5)
-
-    dws = {"w21": _nan(e_out, d_in), "w22": _nan(e_out, e_in), "w12": _nan(d_out, e_in) if with_w12 else None}
-    tiles = _emu_weight_grads(emu, shape, c, dws)
-    assert tiles == _tiles(e_out, d_in) + _tiles(e_out, e_in) + (_tiles(d_out, e_in) if with_w12 else 0)
-    for k, v in dws.items():
-        if v is not None:
-            torch.testing.assert_close(v, g_ref[k], rtol=1e-12, atol=1e-12, msg=lambda m, k=k: f"d{k}: {m}")
+def test_emulated_grid_sizes(emulated):
+    """One launch per op, with exactly one tile per 64 x 64 block of each output that is computed."""
+    ops = make_operands((70,), 37, 66, 65, 5, route="soft").to(torch.float32)
+    sk.upscaled_linear(*ops.args(), backend="cuda").sum().backward()
+    M, d_in, e_in, d_out, e_out = 70, 37, 66, 65, 5
+    assert emulated.tiles == [
+        _tiles(M, d_out) + _tiles(M, e_out),
+        _tiles(M, d_in) + _tiles(M, e_in),
+        _tiles(e_out, d_in) + _tiles(e_out, e_in) + _tiles(d_out, e_in),
+    ]
 
 
 @pytest.mark.parametrize("wanted", ["w21", "w22", "w12"])
-def test_weight_plan_computes_only_requested_grads(emu, wanted):
-    M, d_in, e_in, d_out, e_out = shape = (67, 9, 70, 66, 4)
-    c = _case(shape, True, "soft", seed=1)
-    _, g_ref = _reference_grads(c)
-    outs = {"w21": _nan(e_out, d_in), "w22": _nan(e_out, e_in), "w12": _nan(d_out, e_in)}
-    tiles = _emu_weight_grads(emu, shape, c, {k: (v if k == wanted else None) for k, v in outs.items()})
-    assert tiles == _tiles(*outs[wanted].shape)
-    torch.testing.assert_close(outs[wanted], g_ref[wanted], rtol=1e-12, atol=1e-12)
-    assert all(outs[k].isnan().all() for k in outs if k != wanted), "a gradient that was not requested was written"
+def test_emulated_weight_launch_writes_only_requested_grads(emulated, wanted):
+    ops = make_operands((67,), 9, 70, 66, 4, route="soft").to(torch.float32)
+    x, dy = ops.x.detach(), torch.randn(67, 70)
+    grads = emulated.backward_weight(dy, x, ops.route.detach(), 9, 66, *(k == wanted for k in ("w21", "w22", "w12")))
+    for k, g in zip(("w21", "w22", "w12"), grads):
+        assert (g is not None) == (k == wanted)
+    (g,) = (g for g in grads if g is not None)
+    ref = {
+        "w21": dy[:, 66:].t() @ x[:, :9],
+        "w22": dy[:, 66:].t() @ x[:, 9:],
+        "w12": (dy[:, :66] * ops.route[:, None]).t() @ x[:, 9:],
+    }
+    torch.testing.assert_close(g, ref[wanted].detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_droute_without_partials_is_zero(emu):
-    """e_in = 0 with w12 present: no dx1 tile exists, droute must still be written (as zeros)."""
-    M, d_in, e_in, d_out, e_out = shape = 7, 5, 0, 6, 2
-    c = _case(shape, True, "soft")
-    dx, droute = _nan(M, d_in), torch.full((M,), float("nan"), dtype=torch.float32)
-    emu.emu_backward_input(*shape, *_weights_args(c, "dy", "x"), _p(c["route"]), _p(dx), _p(droute))
-    assert torch.equal(droute, torch.zeros(M))
+@pytest.mark.parametrize("layout", ["column_slice", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_emulated_strided_x_is_bitwise_the_contiguous_result(emulated, layout, dtype):
+    """A column slice of a wider x (its row stride used as is) or one element off 16-byte alignment takes
+    the scalar load path instead of 128-bit loads; the values, and so the result, must not change."""
+    ops = make_operands((70,), 64, 64, 64, 64, route="soft").to(dtype)
+    dy = torch.randn(70, 128, dtype=dtype)
+    expected = run(ops, lambda *a: sk.upscaled_linear(*a, backend="cuda"), dy)
+    x = ops.x.detach()
+    pad = torch.zeros(70, 1, dtype=dtype)
+    ops.x = torch.cat([x, pad], 1)[:, :128] if layout == "column_slice" else torch.cat([pad, x], 1)[:, 1:]
+    ops.x.requires_grad_(True)
+    assert not ops.x.is_contiguous()
+    got = run(ops, lambda *a: sk.upscaled_linear(*a, backend="cuda"), dy)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.
 SIZES = {  # lead, d_in, e_in, d_out, e_out
     "odd_3d": ((3, 37), 70, 33, 65, 17),  # several partial tiles in every dimension
     "aligned": ((130,), 64, 64, 128, 64),  # whole tiles, 16-byte vector loads
+    "vec_edges": ((70,), 40, 24, 72, 24),  # 16-byte vector loads with partial K and N tiles
     "tiny": ((2, 1), 8, 3, 5, 2),  # odd row stride: scalar loads only
     "e_in0": ((5,), 40, 0, 24, 8),  # input not widened
     "e_out0": ((9,), 24, 16, 48, 0),  # LM head: logits only
