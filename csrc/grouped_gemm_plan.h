@@ -180,10 +180,14 @@ Problem<T> forward_problem(const ForwardParams& p) {
 // Number of column tiles of the dx1 group = rows of the droute partial-sum buffer.
 inline int droute_partial_tiles(const Dims& d) { return ceil_div(d.e_in, kTileN); }
 
-// Rows of the partial-sum buffer that the backward-input launch actually writes (none without w12):
-// droute[m] = sum over the first droute_written_tiles(p) rows of partial[., m].
+// Whether droute has any term: not without w12, and not when the W12 term is empty (d_out == 0), where
+// droute is exactly 0 whatever x_up holds (NaN included), as in the reference.
+inline bool droute_has_terms(const BackwardInputParams& p) { return p.w12.ptr != nullptr && p.dims.d_out > 0; }
+
+// Rows of the partial-sum buffer that the backward-input launch actually writes:
+// droute[m] = sum over the first droute_written_tiles(p) rows of partial[., m] (0 rows: droute = 0).
 inline int droute_written_tiles(const BackwardInputParams& p) {
-  return p.w12.ptr != nullptr ? droute_partial_tiles(p.dims) : 0;
+  return droute_has_terms(p) ? droute_partial_tiles(p.dims) : 0;
 }
 
 // Backward input (BackwardInputLayout): dx0 = dy0 W + dy1 W21; dx1 = dy1 W22 + r * (dy0 W12) with
@@ -207,7 +211,7 @@ Problem<T> backward_input_problem(const BackwardInputParams& p) {
   add_segment(up, dy1, p.dy.ld, p.w22, d.e_out);
   if (p.w12.ptr != nullptr) {
     set_scaled(up, dy0, p.dy.ld, p.w12, d.d_out, p.route);
-    if (p.droute != nullptr) {
+    if (p.droute != nullptr && droute_has_terms(p)) {
       up.dot = static_cast<const T*>(p.x.ptr) + d.d_in;
       up.lddot = p.x.ld;
       up.dot_partial = p.workspace;

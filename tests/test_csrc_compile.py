@@ -288,6 +288,22 @@ def test_emulated_weight_launch_writes_only_requested_grads(emulated, wanted):
     torch.testing.assert_close(g, ref[wanted].detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d_out,e_in", [(0, 70), (5, 0)], ids=["d_out0", "e_in0"])
+def test_emulated_droute_of_an_empty_w12_term_is_exactly_zero(emu, d_out, e_in):
+    """No W12 term (d_out == 0 or e_in == 0): droute is 0 even where x_up is NaN (the reference never
+    multiplies it), also when the empty w12 comes with a non-null pointer (torch gives null, others may not)."""
+    M, d_in, e_out = 67, 9, 4
+    x = torch.randn(M, d_in + e_in)
+    x[:, d_in:] = float("nan")
+    dy, route = torch.randn(M, d_out + e_out), torch.rand(M)
+    w, w21, w22 = (torch.randn(*s) for s in [(d_out, d_in), (e_out, d_in), (e_out, e_in)])
+    w12_storage = torch.randn(1)  # non-null pointer for the empty (d_out, e_in) block
+    dx, droute = _nan(M, d_in + e_in), _nan(M)
+    mats = [a for t in (dy, x, w, w21, w22) for a in _mat(t)] + [_p(w12_storage), max(e_in, 1)]
+    emu.emu_backward_input(0, M, d_in, e_in, d_out, e_out, *mats, _p(route), _p(dx), _p(droute))
+    assert torch.equal(droute, torch.zeros(M))
+
+
 @pytest.mark.parametrize("layout", ["column_slice", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_emulated_strided_x_is_bitwise_the_contiguous_result(emulated, layout, dtype):
