@@ -384,9 +384,10 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
     dx = torch.empty(M, d_in + e_in, dtype=dy.dtype, device=dy.device)
     has_w12 = w12 is not None and e_in > 0
     # partial droute sums: one row per expansion-column tile; sized for the smallest BLOCK_N of any config
-    # (rows past the tiles of a larger BLOCK_N stay zero); no W12 term (e_in == 0) -> droute is all zeros
+    # (rows past the tiles of a larger BLOCK_N stay zero). An empty W12 term (e_in == 0 or d_out == 0) has
+    # droute exactly 0, whatever x holds (x_up may be NaN: the reference never multiplies it).
     min_block_n = min(c.kwargs["BLOCK_N"] for c in _MN_CONFIGS)
-    n_parts = triton.cdiv(e_in, min_block_n) if need_droute and has_w12 else 0
+    n_parts = triton.cdiv(e_in, min_block_n) if need_droute and has_w12 and d_out > 0 else 0
     parts = torch.zeros(n_parts, M, dtype=torch.float32, device=dy.device)
     if M > 0 and d_in + e_in > 0:
         _backward_input_kernel[_mn_grid(M, d_in, e_in)](
