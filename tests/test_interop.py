@@ -128,6 +128,18 @@ def test_autocast_cpu_bf16_follows_nn_linear(backend):
     torch.testing.assert_close(y.float(), sk.upscaled_linear(*ops.args(), backend=backend), rtol=0.05, atol=0.05)
 
 
+def test_autocast_inside_compiled_function():
+    """The autocast decision is traced: the compiled function casts like eager (fullgraph, no break)."""
+    ops = _ops()
+
+    def f(x, w21):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sk.upscaled_linear(x, ops.w, w21, ops.w22, ops.w12, ops.bias, ops.bias_up, ops.route)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(ops.x, ops.w21)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, f(ops.x, ops.w21))
+
+
 def test_autocast_leaves_fp64_and_disabled_regions_alone():
     ops = make_operands(lead=(3,), d_in=6, e_in=4, d_out=7, e_out=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -53,7 +53,7 @@ def test_route0_token_with_non_finite_x_up_is_not_masked(backend, value):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("col", [0, D_IN - 1, D_IN, D_IN + E_IN - 1], ids=["x0_0", "x0_end", "x1_0", "x1_end"])
+@pytest.mark.parametrize("col", [D_IN - 1, D_IN], ids=["x0", "x1"])  # the last x0 / first x1 column
 @pytest.mark.parametrize("route", ["none", "random", "soft"])
 def test_non_finite_x_matches_reference_pattern(backend, value, col, route):
     """Forward and all gradients: same NaN/inf pattern as the fp64 PyTorch reference."""
