@@ -5,7 +5,8 @@ The variable must be set before triton is imported, hence here, before any scale
 Hypothesis profiles (property-based tests in ``test_fuzz_upscaled_linear.py``):
 
 * ``ci`` (default): a bounded number of examples per test so the suite stays fast on 2 CPU cores.
-* ``thorough``: >= 1000 examples per test; select it with ``pytest --hypothesis-profile=thorough``.
+* ``thorough``: >= 1000 examples per test; select it with ``pytest --hypothesis-profile=thorough`` (or the
+  environment variable ``SCALE_KERNELS_HYPOTHESIS_PROFILE=thorough``).
 
 Both disable the per-example deadline: the Triton interpreter's first call of a kernel configuration is slow.
 """
