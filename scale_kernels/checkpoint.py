@@ -42,7 +42,7 @@ def expansion_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_expansion(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``expansion.safetensors`` + ``expansion_config.json`` into ``directory`` (created); returns it."""
+    """Write ``expansion.safetensors`` + ``expansion_config.json`` into ``directory`` (created)."""
     cfg = upscale_config_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,8 @@ def _check_base_matches(base_model: nn.Module, meta: dict, cfg: UpscaleConfig) -
     family_of(base_model)
     if type(base_model).__name__ != meta["model_class"]:
         raise ValueError(
-            f"base_model is a {type(base_model).__name__}, but the expansion was saved from a {meta['model_class']}"
+            f"base_model is a {type(base_model).__name__}, but the expansion was saved from a "
+            f"{meta['model_class']}"
         )
     config = base_model.config
     wrong = {k: (getattr(config, k), v) for k, v in cfg.base_sizes().items() if getattr(config, k) != v}
@@ -90,10 +91,14 @@ def load_expansion(base_model: nn.Module, directory: str | os.PathLike) -> nn.Mo
     expected = expansion_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"expansion checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"expansion checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     for name, param in expected.items():
         if saved[name].shape != param.shape:
-            raise ValueError(f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(param.shape)}"
+            )
         param.copy_(saved[name])
     _restore_config_record(model, cfg)
     return model
@@ -131,7 +136,9 @@ def load_upscaled(directory: str | os.PathLike, *, dtype: torch.dtype | None = N
     config = AutoConfig.from_pretrained(directory)
     record = getattr(config, CONFIG_KEY, None)
     if not record:
-        raise ValueError(f"{directory} holds no upscaled model (config has no {CONFIG_KEY}); use from_pretrained")
+        raise ValueError(
+            f"{directory} holds no upscaled model (config has no {CONFIG_KEY}); use from_pretrained"
+        )
     cfg = UpscaleConfig.from_dict(record)
     base_config = copy.deepcopy(config)
     delattr(base_config, CONFIG_KEY)
@@ -144,19 +151,23 @@ def load_upscaled(directory: str | os.PathLike, *, dtype: torch.dtype | None = N
     tied = {"lm_head.weight"} if model.lm_head.weight is model.model.embed_tokens.weight else set()
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
-        raise ValueError(f"{directory}: missing weights {missing}, unexpected {sorted(result.unexpected_keys)}")
+        unexpected = sorted(result.unexpected_keys)
+        raise ValueError(f"{directory}: missing weights {missing}, unexpected {unexpected}")
     _restore_config_record(model, cfg)
     return model
 
 
 def _dense_linear(module: ScaleLinear, route: float) -> nn.Linear:
-    """``nn.Linear`` holding ``[[W, r*W12], [W21, W22]]`` and bias ``[b ; b_up]`` (zeros for absent blocks)."""
+    """``nn.Linear`` holding ``[[W, r*W12], [W21, W22]]`` and bias ``[b ; b_up]`` (absent blocks: 0)."""
     w, d_out, d_in = module.weight, module.out_features, module.in_features
-    dense = nn.Linear(module.total_in, module.total_out, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    dense = nn.Linear(
+        module.total_in, module.total_out, bias=module.bias is not None, device=w.device, dtype=w.dtype
+    )
     full = w.new_zeros(module.total_out, module.total_in)
     full[:d_out, :d_in] = w
     if module.weight_12 is not None:
-        full[:d_out, d_in:] = route * module.weight_12
+        gate = route if module.routable else 1.0  # the LM head's W_head_up is never routed
+        full[:d_out, d_in:] = gate * module.weight_12
     full[d_out:, :d_in] = module.weight_21
     full[d_out:, d_in:] = module.weight_22
     dense.weight.copy_(full)
@@ -203,8 +214,8 @@ def merge_to_dense(model: nn.Module, *, route: float | None = None) -> nn.Module
     if route is None:
         if cfg.mode == "route":
             raise ValueError(
-                "merge_to_dense: a SCALE-Route model routes each token at run time; static weights need a fixed "
-                "route: pass route=0.0 (preservation path) or route=1.0 (adaptation path)"
+                "merge_to_dense: a SCALE-Route model routes each token at run time; static weights need a "
+                "fixed route: pass route=0.0 (preservation path) or route=1.0 (adaptation path)"
             )
         route = 1.0
     dense = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""Width-upscaled building blocks (SCALE): :class:`ScaleLinear`, split RMSNorm, expanded embedding and LM head.
+"""Width-upscaled building blocks (SCALE): :class:`ScaleLinear`, split RMSNorm, expanded embedding, LM head.
 
 Every module keeps the pretrained tensor under its original name (``weight`` / ``bias``, frozen,
 ``requires_grad=False``) so Hugging Face state dicts still load, and adds the expansion blocks as separate
@@ -82,27 +82,26 @@ def svd_expansion_rows(
     expansion neuron starts as a copy of one of the most informative features of the original layer.
     Rows beyond ``min(d_out, d_in)`` are N(0, std^2).
     """
-    w = weight.detach().float().cpu()
-    _, s, vh = torch.linalg.svd(w, full_matrices=False)
-    out = _normal((rows, w.shape[1]), std, generator)
+    _, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)  # on weight's device
+    out = _normal((rows, weight.shape[1]), std, generator)
     k = min(rows, s.numel())
-    out[:k] = s[:k, None] * vh[:k]
+    out[:k] = (s[:k, None] * vh[:k]).cpu()
     return out
 
 
 class ScaleLinear(nn.Module):
-    """``[y ; y_up] = [[W, r*W12], [W21, W22]] [x ; x_up] + [b ; b_up]`` via :func:`scale_kernels.upscaled_linear`.
+    """``[y ; y_up] = [[W, r*W12], [W21, W22]] [x ; x_up] + [b ; b_up]`` via the fused ``upscaled_linear``.
 
     Args:
         in_features, out_features: original widths ``d_in``, ``d_out`` (of the frozen ``weight``).
         extra_in, extra_out: expansion widths ``e_in``, ``e_out`` (either may be 0).
         bias: whether the original layer has a (frozen) bias; the expansion then gets a trainable ``bias_up``.
         mode: ``"preserve"`` (no W12: the original outputs never see the expansion), ``"adapt"`` (W12
-            zero-initialised and trainable) or ``"route"`` (like adapt, W12 gated per token by the route mask).
+            zero-initialised and trainable) or ``"route"`` (as adapt, W12 gated per token by the route mask).
         init: initialisation of ``weight_21`` / ``weight_22`` (see :meth:`reset_expansion`).
 
     Shapes: input ``(..., in_features + extra_in)``, output ``(..., out_features + extra_out)``.
-    ``weight`` and ``bias`` are created uninitialised here; :meth:`from_linear` fills them from a layer.
+    ``weight`` / ``bias`` get ``nn.Linear``'s default init here; :meth:`from_linear` reuses a trained layer's.
     """
 
     routable = True  # whether the model-level route mask gates this module's W12 term
@@ -146,11 +145,22 @@ class ScaleLinear(nn.Module):
             self.register_parameter("bias_up", None)
         self.route_state: RouteState | None = None
         self.backend: str | None = None
+        self._reset_base()
         if init != "svd":  # svd needs the pretrained weight: from_linear applies it after copying W
             self.reset_expansion(init, std=std, generator=generator)
 
     def _has_w12(self) -> bool:
         return self.mode != "preserve" and self.extra_in > 0
+
+    @torch.no_grad()
+    def _reset_base(self) -> None:
+        """``nn.Linear``'s default init for a standalone module (``from_linear`` swaps in real weights)."""
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def total_in(self) -> int:
@@ -205,7 +215,7 @@ class ScaleLinear(nn.Module):
         std: float = DEFAULT_INIT_STD,
         generator: torch.Generator | None = None,
     ) -> ScaleLinear:
-        """Wrap a pretrained ``nn.Linear``: its ``weight``/``bias`` Parameters are reused (no copy) and frozen."""
+        """Wrap a pretrained ``nn.Linear``: its ``weight``/``bias`` are reused (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -337,7 +347,8 @@ class ScaleRMSNorm(nn.Module):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None:
             raise TypeError(
-                f"norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got {type(norm).__name__}"
+                "norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got "
+                f"{type(norm).__name__}"
             )
         module = cls(w.numel(), extra, eps, device=w.device, dtype=w.dtype)
         w.requires_grad_(False)
@@ -348,7 +359,8 @@ class ScaleRMSNorm(nn.Module):
         total = self.hidden_size + self.extra
         if x.shape[-1] != total:
             raise ValueError(
-                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), got {tuple(x.shape)}"
+                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), "
+                f"got {tuple(x.shape)}"
             )
         return split_rms_normalize(x, self.weight, self.weight_up, self.variance_epsilon)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -87,43 +88,43 @@ def prepare_route_mask(mask: object, batch: int, seq: int, past: int, device: to
     return mask.to(device)
 
 
-def install_route_hook(model: nn.Module, state: RouteState) -> None:
-    """Let ``model(..., scale_route=mask)`` set ``state.mask`` for the forward (a kwargs pre-hook)."""
+def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of an upscaled model: consume ``scale_route`` and set the model's route state.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = kwargs.pop(ROUTE_KWARG, None)
-        if mask is None:
-            state.mask = None
-            return args, kwargs
-        if not getattr(module, "scale_has_route", False):
-            raise ValueError(
-                f"{ROUTE_KWARG} was given but this upscaled model has no W12 term to route "
-                "(mode='preserve'); upscale with mode='route' or 'adapt'"
-            )
-        batch, seq, device = _input_batch_seq(args, kwargs)
-        state.mask = prepare_route_mask(mask, batch, seq, _past_length(kwargs), device)
+    The state is looked up on ``module`` at call time (not captured), so ``copy.deepcopy`` of a model works.
+    """
+    state = route_state_of(module)
+    mask = kwargs.pop(ROUTE_KWARG, None)
+    if mask is None:
+        state.mask = None
         return args, kwargs
+    if not getattr(module, "scale_has_route", False):
+        raise ValueError(
+            f"{ROUTE_KWARG} was given but this upscaled model has no W12 term to route "
+            "(mode='preserve'); upscale with mode='route' or 'adapt'"
+        )
+    batch, seq, device = _input_batch_seq(args, kwargs)
+    state.mask = prepare_route_mask(mask, batch, seq, _past_length(kwargs), device)
+    return args, kwargs
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
-    _allow_route_in_generate(model)
 
-
-def _allow_route_in_generate(model: nn.Module) -> None:
-    """``generate`` rejects kwargs not named in ``forward``'s signature: exempt ``scale_route`` (instance only).
+def _validate_model_kwargs_without_route(self: nn.Module, model_kwargs: dict) -> None:
+    """``generate`` rejects kwargs not named in ``forward``'s signature: exempt ``scale_route``.
 
     generate keeps unknown model kwargs across steps and passes them to every forward, where the pre-hook
-    above consumes them.
+    consumes them.
     """
-    validate = getattr(model, "_validate_model_kwargs", None)
-    if validate is None:
-        return
+    model_kwargs = dict(model_kwargs)
+    model_kwargs.pop(ROUTE_KWARG, None)
+    return type(self)._validate_model_kwargs(self, model_kwargs)
 
-    def validate_without_route(model_kwargs: dict) -> None:
-        model_kwargs = dict(model_kwargs)
-        model_kwargs.pop(ROUTE_KWARG, None)
-        return validate(model_kwargs)
 
-    model._validate_model_kwargs = validate_without_route
+def install_route_hook(model: nn.Module, state: RouteState) -> None:
+    """Attach ``state`` to ``model`` and let ``model(..., scale_route=mask)`` / ``generate`` set its mask."""
+    model._scale_state = state
+    model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True)
+    if hasattr(type(model), "_validate_model_kwargs"):  # bound per instance (deepcopy rebinds it)
+        model._validate_model_kwargs = types.MethodType(_validate_model_kwargs_without_route, model)
 
 
 @contextlib.contextmanager
@@ -157,8 +158,9 @@ class RoutePolicy:
     tau: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
-            raise ValueError(f"tau must be a finite float (cosine threshold in [-1, 1]), got {self.tau!r}")
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite float (cosine threshold in [-1, 1]), got {tau!r}")
 
     @staticmethod
     def similarity(logits_preserve: Tensor, logits_adapt: Tensor) -> Tensor:
@@ -177,7 +179,7 @@ class RoutePolicy:
     @torch.no_grad()
     def compute_route(self, model: nn.Module, input_ids: Tensor, **forward_kwargs) -> Tensor:
         """Run ``model`` on the preservation path (route 0) and the adaptation path (route 1) and return the
-        ``(batch, seq)`` bool route mask (no gradient). Extra kwargs (e.g. ``attention_mask``) are passed on."""
+        ``(batch, seq)`` bool route mask (no gradient). Extra kwargs (``attention_mask``...) are passed on."""
         route_state_of(model)
         forward_kwargs = {**forward_kwargs, "use_cache": False}
         preserve = model(input_ids, scale_route=False, **forward_kwargs).logits

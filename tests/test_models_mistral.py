@@ -18,7 +18,9 @@ def test_explicit_head_dim_is_kept_and_preserved():
         num_key_value_heads=2, head_dim=8, sliding_window=4, max_position_embeddings=64,
     )
     base = MistralForCausalLM(config).eval()
-    model = sk.upscale_model(copy.deepcopy(base), 24, extra_heads=4, extra_intermediate=8, mode="adapt", seed=0)
+    model = sk.upscale_model(
+        copy.deepcopy(base), 24, extra_heads=4, extra_intermediate=8, mode="adapt", seed=0
+    )
     assert model.config.head_dim == 8 and model.config.num_key_value_heads == 4
     q = model.model.layers[0].self_attn.q_proj
     assert (q.out_features, q.extra_out) == (32, 32)  # 4 heads * 8 + 4 new heads * 8

@@ -21,6 +21,7 @@ RoPE are unchanged; the config is updated so the model reports its new sizes.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
@@ -67,7 +68,7 @@ class FamilySpec:
 
 @dataclass(frozen=True)
 class UpscaleConfig:
-    """Everything needed to rebuild an upscaled model from its base model (stored in ``config.scale_upscale``)."""
+    """All that rebuilds an upscaled model from its base model (stored in ``config.scale_upscale``)."""
 
     extra_hidden: int
     extra_heads: int
@@ -297,8 +298,8 @@ class _Builder:
                 mode = cfg.mode if adapt and name in cfg.adapt_modules else "preserve"
                 self.linear(parent, name, mode)
         if cfg.extra_hidden:
-            layer.input_layernorm = ScaleRMSNorm.from_norm(layer.input_layernorm, cfg.extra_hidden)
-            layer.post_attention_layernorm = ScaleRMSNorm.from_norm(layer.post_attention_layernorm, cfg.extra_hidden)
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                setattr(layer, name, ScaleRMSNorm.from_norm(getattr(layer, name), cfg.extra_hidden))
 
     def ends(self) -> None:
         """Embedding, final norm and LM head (only when the hidden stream is widened)."""
@@ -314,8 +315,19 @@ class _Builder:
         self.count += 1
 
 
+def _own_config(model: nn.Module):
+    """Give ``model`` a private copy of its config (HF modules share one object, often the caller's)."""
+    shared = model.config
+    config = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = config
+    return config
+
+
 def _update_config(model: nn.Module, cfg: UpscaleConfig) -> None:
-    config = model.config
+    """Record the new sizes in a private copy of the config (the caller's config object is not mutated)."""
+    config = _own_config(model)
     config.hidden_size = cfg.base_hidden_size + cfg.extra_hidden
     config.num_attention_heads = cfg.base_num_attention_heads + cfg.extra_heads
     config.num_key_value_heads = cfg.base_num_key_value_heads + cfg.extra_kv_heads
@@ -352,7 +364,8 @@ def upscale_model(
         mode: ``"preserve"`` (no W12 anywhere), ``"adapt"`` (W12 zero-init and trainable) or ``"route"``
             (adapt + per-token route mask ``model(..., scale_route=mask)``).
         adapt_layers: layer indices (negative allowed) whose projections get a trainable W12; default all.
-        adapt_modules: ``"attention"``, ``"mlp"``, ``"all"`` or projection names (``"q_proj"``, ...); default all.
+        adapt_modules: ``"attention"``, ``"mlp"``, ``"all"`` or projection names (``"q_proj"``, ...);
+            default all.
         init: ``W21``/``W22``/``E_up`` initialisation: ``"random"`` (N(0, initializer_range^2)), ``"svd"``
             (principal directions of the frozen weights) or ``"zeros"``. W12 and ``W_head_up`` are always 0.
         seed: seed for the random/svd initialisation (None: the global torch RNG).
@@ -374,7 +387,6 @@ def upscale_model(
     if builder.count == 0:  # cannot happen after validation; never let a no-op pass silently
         raise RuntimeError("upscale_model: no module was upscaled")
     _update_config(model, cfg)
-    model._scale_state = state
     model.scale_has_route = cfg.mode != "preserve"
     model.scale_upscaled_modules = builder.count
     install_route_hook(model, state)
