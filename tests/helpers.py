@@ -52,7 +52,8 @@ def make_operands(
     device: str = "cpu",
     seed: int = 0,
 ) -> Operands:
-    """fp64 operands. ``w12``: none/frozen/trainable/zeros; ``route``: none/zeros/ones/random/soft."""
+    """fp64 operands. ``w12``: none/frozen/trainable/zeros (zero-initialised and trainable, the SCALE-Adapt
+    init); ``route``: none/zeros/ones/random/soft."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0, grad=True):
@@ -65,7 +66,9 @@ def make_operands(
     w22 = rnd(e_out, e_in, scale=max(e_in, 1) ** -0.5)
     w12_t = None
     if w12 != "none":
-        w12_t = rnd(d_out, e_in, scale=max(e_in, 1) ** -0.5, grad=w12 == "trainable")
+        w12_t = rnd(d_out, e_in, scale=max(e_in, 1) ** -0.5, grad=w12 in ("trainable", "zeros"))
+        if w12 == "zeros":
+            w12_t = torch.zeros_like(w12_t).requires_grad_(True)
     b = rnd(d_out, grad=False) if bias else None
     bu = rnd(e_out) if bias else None
     r = None
@@ -84,12 +87,18 @@ def run(ops: Operands, fn, dy: torch.Tensor) -> list[torch.Tensor]:
     """Output and the gradients of every differentiable operand for upstream gradient ``dy``."""
     y = fn(*ops.args())
     diff = [t for _, t in ops.differentiable()]
-    grads = torch.autograd.grad(y, diff, dy.to(y.dtype), allow_unused=True) if diff else []
+    # y need not require grad: a soft route is unused without W12, so it can be the only "differentiable" input
+    grads = torch.autograd.grad(y, diff, dy.to(y.dtype), allow_unused=True) if y.requires_grad else [None] * len(diff)
     return [y.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, diff)]
 
 
-def assert_matches_reference(ops: Operands, dtype: torch.dtype, backend: str, seed: int = 1) -> None:
+def assert_matches_reference(
+    ops: Operands, dtype: torch.dtype, backend: str, seed: int = 1, layout: str = "contiguous"
+) -> None:
     """Kernel in ``dtype`` vs fp64 reference, forward and every gradient.
+
+    ``layout`` (see :func:`make_non_contiguous`) is applied to the kernel's operands after the dtype cast (a
+    cast makes a sliced tensor contiguous again).
 
     Tolerance rule (flash-attention's idiom): the kernel's max error against the fp64 reference must be at
     most twice the error of plain PyTorch in the same dtype, plus a floor of a few ulps of the output's
@@ -97,16 +106,41 @@ def assert_matches_reference(ops: Operands, dtype: torch.dtype, backend: str, se
     """
     ref = run(ops, sk.upscaled_linear_reference, _dy(ops, seed))
     plain = run(ops.to(dtype), sk.upscaled_linear_reference, _dy(ops, seed))
-    kernel = run(ops.to(dtype), lambda *a: sk.upscaled_linear(*a, backend=backend), _dy(ops, seed))
+    kernel_ops = make_non_contiguous(ops.to(dtype), layout)
+    kernel = run(kernel_ops, lambda *a: sk.upscaled_linear(*a, backend=backend), _dy(ops, seed))
     assert sk.last_backend() == backend
     names = ["y"] + [n for n, _ in ops.differentiable()]
-    eps = torch.finfo(dtype).eps
     for name, r, p, k in zip(names, ref, plain, kernel):
         assert k.dtype == p.dtype and k.shape == r.shape, (name, k.dtype, p.dtype, k.shape, r.shape)
-        err = (k.double() - r).abs().max().item() if r.numel() else 0.0
-        base = (p.double() - r).abs().max().item() if r.numel() else 0.0
-        floor = 8 * eps * (r.abs().max().item() + 1.0) if r.numel() else 0.0
-        assert err <= 2 * base + floor, f"{name}: kernel err {err:.3e} > 2 x torch-{dtype} err {base:.3e} + {floor:.1e}"
+        # droute = <x_up, dy0 W12> (one product cheaper than PyTorch's <dy0, x_up W12^T>): an inf in x_up
+        # gives +-inf where PyTorch sums +inf and -inf to NaN, so only its finite/non-finite pattern is exact
+        assert_within_reference_tolerance(name, k, r, p, exact_non_finite_kind=name != "route")
+
+
+def assert_within_reference_tolerance(
+    name: str, kernel: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, exact_non_finite_kind: bool = True
+) -> None:
+    """The tolerance rule of :func:`assert_matches_reference` for one tensor.
+
+    Non-finite values must sit exactly where the fp64 reference has them, with the same kind (NaN, +inf,
+    -inf) if ``exact_non_finite_kind``: a NaN or inf in the input propagates like in PyTorch, it is never
+    zeroed by masking. The finite entries obey the error rule (``plain`` is plain PyTorch in the kernel's dtype).
+    """
+    kinds = (torch.isnan, torch.isposinf, torch.isneginf) if exact_non_finite_kind else (torch.isfinite,)
+    for kind in kinds:
+        mismatch = kind(kernel) != kind(ref)
+        where = mismatch.nonzero()[:5].tolist()
+        assert not mismatch.any(), f"{name}: {kind.__name__} pattern differs from the reference at {where}"
+    finite = torch.isfinite(ref)
+    r, p, k = ref[finite], plain[finite].double(), kernel[finite].double()
+    if not r.numel():
+        return
+    eps = torch.finfo(kernel.dtype).eps
+    err = (k - r).abs().max().item()
+    base = (p - r).abs().max().item()
+    floor = 8 * eps * (r.abs().max().item() + 1.0)
+    msg = f"{name}: kernel err {err:.3e} > 2 x torch-{kernel.dtype} err {base:.3e} + {floor:.1e}"
+    assert err <= 2 * base + floor, msg
 
 
 def _dy(ops: Operands, seed: int) -> torch.Tensor:
@@ -118,3 +152,38 @@ def _dy(ops: Operands, seed: int) -> torch.Tensor:
 
 def triton_usable(device: str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
     return sk.available_backends(device, dtype)["triton"] is None
+
+
+def make_non_contiguous(ops: Operands, kind: str) -> Operands:
+    """Same values, non-contiguous storage. ``kind``: ``"contiguous"`` (unchanged), ``"sliced"`` (x is a column
+    slice of a wider tensor), ``"transposed"`` (x's two leading dims transposed, needs a 2-D lead; route too) or
+    ``"weights_t"`` (w, w21, w22, w12 are transposed views of (in, out) tensors). requires_grad flags are kept."""
+
+    def rebuild(t: torch.Tensor | None, view) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return view(t.detach()).requires_grad_(t.requires_grad)
+
+    def sliced(t):
+        pad = t.new_full((*t.shape[:-1], 3), float("nan"))  # a read outside the slice shows up as NaN
+        wide = torch.cat([pad, t], dim=-1)
+        return wide[..., 3:]
+
+    def transposed(t):
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    def weight_t(t):
+        return t.t().contiguous().t()
+
+    out = Operands(*ops.args())
+    if kind == "sliced":
+        out.x = rebuild(ops.x, sliced)
+    elif kind == "transposed":
+        out.x = rebuild(ops.x, transposed)
+        out.route = rebuild(ops.route, transposed)
+    elif kind == "weights_t":
+        for name in ("w", "w21", "w22", "w12"):
+            setattr(out, name, rebuild(getattr(ops, name), weight_t))
+    elif kind != "contiguous":
+        raise ValueError(f"unknown non-contiguity kind {kind!r}")
+    return out
