@@ -35,14 +35,13 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def train(model: torch.nn.Module, batches, named_params) -> dict:
-    """SGD over the trainable parameters; returns the first-step gradients (as full tensors; 0-element
-    parameters left out, see :func:`freeze_empty_params`)."""
+    """SGD over the trainable parameters; returns the first-step gradients (as full tensors)."""
     opt = torch.optim.SGD([p for _, p in named_params if p.requires_grad], lr=LR)
     first = {}
     for step, ids in enumerate(batches):
         model(ids, labels=ids).loss.backward()
         if step == 0:
-            first = {n: full(p.grad) for n, p in named_params if p.requires_grad and p.numel()}
+            first = {n: full(p.grad) for n, p in named_params if p.requires_grad}
         opt.step()
         opt.zero_grad(set_to_none=True)
     return first
@@ -71,32 +70,9 @@ def _fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     return fully_shard(model)
 
 
-def freeze_empty_params(model: torch.nn.Module) -> list[str]:
-    """Workaround: FSDP2 cannot reduce-scatter a gradient with 0 elements, and ScaleLMHead registers its
-    empty ``weight_21 (0, d)`` / ``weight_22 (0, e)`` as trainable parameters. Freezing them changes nothing
-    numerically (they hold no values)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and p.numel() == 0]
-    for n in names:
-        model.get_parameter(n).requires_grad_(False)
-    return names
-
-
-def fsdp2_unmodified_error(rank: int, world: int) -> str | None:
-    """One FSDP2 training step of the unmodified upscaled model: None if it works, else the error."""
-    model = build_model()
-    ids = global_batch(0)[rank * (GLOBAL_BATCH // world) : (rank + 1) * (GLOBAL_BATCH // world)]
-    try:
-        _fsdp2(model)(ids, labels=ids).loss.backward()
-    except RuntimeError as exc:
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
 def run_strategy(name: str, rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = build_model()
-    if name == "fsdp2":
-        freeze_empty_params(model)
     frozen_init = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     seen: set[str] = set()
     _record_op_inputs(model, seen)
@@ -114,7 +90,7 @@ def run_strategy(name: str, rank: int, world: int) -> dict:
     per_rank = {"frozen_ok": frozen_ok, "frozen_no_grad": frozen_no_grad, "op_inputs": sorted(seen)}
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, per_rank)
-    trainable = {n: params[n] for n, p in named if p.requires_grad and p.numel()}
+    trainable = {n: params[n] for n, p in named if p.requires_grad}
     return {"first_grads": first_grads, "params": trainable, "ranks": gathered}
 
 
@@ -128,8 +104,6 @@ def main(out_path: str) -> None:
             results[strategy] = None
             continue
         results[strategy] = run_strategy(strategy, rank, world)
-    if results["fsdp2"] is not None:
-        results["fsdp2_unmodified_error"] = fsdp2_unmodified_error(rank, world)
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()

@@ -71,3 +71,21 @@ def test_training_an_upscaled_model_twice_is_bitwise_identical():
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.skipif(not triton_usable(), reason="triton backend unavailable")
+def test_deterministic_setting_pins_one_config(monkeypatch):
+    """SCALE_KERNELS_DETERMINISTIC=1 / torch.use_deterministic_algorithms(True) skip autotuning (first config)."""
+    from scale_kernels.ops import triton_upscaled_linear as tk
+
+    configs = ["a", "b", "c"]
+    monkeypatch.delenv("SCALE_KERNELS_DETERMINISTIC", raising=False)
+    assert tk._first_config_if_deterministic(configs, {}) == configs
+    monkeypatch.setenv("SCALE_KERNELS_DETERMINISTIC", "1")
+    assert tk._first_config_if_deterministic(configs, {}) == ["a"]
+    monkeypatch.delenv("SCALE_KERNELS_DETERMINISTIC")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tk._first_config_if_deterministic(configs, {}) == ["a"]
+    finally:
+        torch.use_deterministic_algorithms(False)

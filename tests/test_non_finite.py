@@ -71,13 +71,8 @@ def test_non_finite_x_up_without_w12_leaves_original_columns_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel bug (reported): with d_out == 0 the W12 term is empty and PyTorch's droute is exactly 0, but "
-    "both backends compute droute = <x_up, dy0 W12> = <x_up, 0>, which is NaN when x_up has a NaN. Fix in "
-    "ops/*: compute droute only when d_out > 0 (else zeros).",
-)
 def test_droute_with_empty_w12_term_and_nan_x_up(backend):
+    """d_out == 0: the W12 term is empty, so PyTorch's droute is exactly 0 even for a NaN x_up."""
     x = torch.tensor([[0.5, NAN]], requires_grad=True)
     w = w21 = w22 = w12 = torch.zeros(0, 1)
     route = torch.tensor([0.3], requires_grad=True)

@@ -77,6 +77,24 @@ _WEIGHT_CONFIGS = _configs(
 )
 
 
+def deterministic() -> bool:
+    """Whether to skip autotuning and always use each kernel's first config.
+
+    The kernels are bitwise deterministic for a fixed config (no atomics, no split-K), but the autotuner may
+    pick a different tile shape (so a different summation order) in another process. Set
+    ``SCALE_KERNELS_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)`` before the first call
+    for results that are bitwise identical across processes.
+    """
+    return os.environ.get("SCALE_KERNELS_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def _first_config_if_deterministic(configs, named_args, **kwargs):
+    return configs[:1] if deterministic() else configs
+
+
+_PRUNE = {"early_config_prune": _first_config_if_deterministic}
+
+
 def _bucket(n: int) -> int:
     """Autotune key for a size that varies between calls (tokens): its power-of-two bucket."""
     return triton.next_power_of_2(max(int(n), 1))
@@ -170,7 +188,7 @@ def _scale_rows(acc, route_ptr, offs_m, M):
 # forward
 
 
-@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"])
+@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, w12_ptr, w21_ptr, w22_ptr, bias_ptr, bias_up_ptr, route_ptr, y_ptr,
@@ -220,7 +238,7 @@ def _forward_kernel(
 # backward: dx (and droute)
 
 
-@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"])
+@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, x_ptr, w_ptr, w12_ptr, w21_ptr, w22_ptr, route_ptr, dx_ptr, droute_part_ptr,
@@ -274,7 +292,11 @@ def _backward_input_kernel(
 # backward: trainable weight gradients (grouped)
 
 
-@triton.autotune(configs=_WEIGHT_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "COL_LO", "COL_HI"])
+@triton.autotune(
+    configs=_WEIGHT_CONFIGS,
+    key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "COL_LO", "COL_HI"],
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _backward_weight_kernel(
     dy_ptr, x_ptr, route_ptr, dw21_ptr, dw22_ptr, dw12_ptr,
