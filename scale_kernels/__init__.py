@@ -1,14 +1,39 @@
 """scale_kernels: fused kernels for width-upscaled continual pre-training (SCALE, arXiv 2511.03270)."""
 
 from .backends import available_backends, last_backend, use_backend
+from .checkpoint import (
+    load_expansion,
+    load_upscaled,
+    merge_to_dense,
+    print_trainable_parameters,
+    save_expansion,
+    trainable_parameter_report,
+)
 from .functional import upscaled_linear
+from .models import upscale_model
+from .modules import GroupedRMSNorm, ScaleEmbedding, ScaleLinear, ScaleLMHead, ScaleRMSNorm
 from .reference import upscaled_linear_reference
+from .route import RoutePolicy, original_stream
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupedRMSNorm",
+    "RoutePolicy",
+    "ScaleEmbedding",
+    "ScaleLMHead",
+    "ScaleLinear",
+    "ScaleRMSNorm",
     "available_backends",
     "last_backend",
+    "load_expansion",
+    "load_upscaled",
+    "merge_to_dense",
+    "original_stream",
+    "print_trainable_parameters",
+    "save_expansion",
+    "trainable_parameter_report",
+    "upscale_model",
     "upscaled_linear",
     "upscaled_linear_reference",
     "use_backend",

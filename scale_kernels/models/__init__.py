@@ -1,0 +1,21 @@
+"""Width-upscaling of Hugging Face decoder-only causal LMs (Llama, Qwen2, Mistral): see :mod:`.core`."""
+
+from .core import (
+    ATTENTION,
+    MLP,
+    FamilySpec,
+    UpscaleConfig,
+    family_of,
+    upscale_config_of,
+    upscale_model,
+)
+
+__all__ = [
+    "ATTENTION",
+    "MLP",
+    "FamilySpec",
+    "UpscaleConfig",
+    "family_of",
+    "upscale_config_of",
+    "upscale_model",
+]

@@ -1,0 +1,243 @@
+"""Token-level routing for SCALE-Route, and the "original stream only" switch.
+
+Primary way to pass a route mask: a keyword of the upscaled model's forward (and of ``generate``)::
+
+    out = model(input_ids, scale_route=mask)          # mask (batch, seq): True/1 = adaptation path
+    ids = model.generate(input_ids, scale_route=True)  # a constant route for every token
+
+``mask`` may be a Python bool/float, a 0-D tensor, a ``(batch,)`` tensor (one route per sequence) or a
+``(batch, seq)`` bool mask / float gate. During cached decoding the model sees only the new tokens: a
+``(batch, L)`` mask with ``L`` larger than the current input is sliced at the cache position, so one
+mask covering prompt + generated tokens works with ``generate``. The mask gates the W12 term of every
+layer that has one (the LM head's ``W_head_up`` is never gated). It stays attached to the model until
+its next forward, so gradient-checkpointing recomputation in ``backward`` sees the same mask.
+
+:class:`RoutePolicy` implements the paper's fixed rule: a token takes the preservation path (route 0)
+when the cosine similarity of its preserve-path and adapt-path next-token distributions is ``>= tau``
+(0.5 in the paper), and the adaptation path (route 1) otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import RouteState
+
+Tensor = torch.Tensor
+ROUTE_KWARG = "scale_route"
+
+
+def route_state_of(model: nn.Module) -> RouteState:
+    """The :class:`RouteState` of a model returned by :func:`scale_kernels.upscale_model`."""
+    state = getattr(model, "_scale_state", None)
+    if not isinstance(state, RouteState):
+        raise ValueError(
+            f"model ({type(model).__name__}) is not an upscaled model: call scale_kernels.upscale_model first"
+        )
+    return state
+
+
+def _input_batch_seq(args: tuple, kwargs: dict) -> tuple[int, int, torch.device]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        raise ValueError(f"{ROUTE_KWARG} needs input_ids or inputs_embeds to know the (batch, seq) shape")
+    return ids.shape[0], ids.shape[1], ids.device
+
+
+def _past_length(kwargs: dict) -> int:
+    past = kwargs.get("past_key_values")
+    if past is None or not hasattr(past, "get_seq_length"):
+        return 0
+    return int(past.get_seq_length())
+
+
+def prepare_route_mask(mask: object, batch: int, seq: int, past: int, device: torch.device) -> Tensor:
+    """Normalise a ``scale_route`` value to a ``(batch, seq)`` bool/float tensor on ``device``."""
+    if isinstance(mask, (bool, int, float)):
+        if not math.isfinite(mask):
+            raise ValueError(f"{ROUTE_KWARG} must be finite, got {mask!r}")
+        mask = torch.tensor(mask, dtype=torch.bool if isinstance(mask, bool) else torch.float32)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{ROUTE_KWARG} must be a bool, a float or a tensor, got {type(mask).__name__}")
+    if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        raise TypeError(f"{ROUTE_KWARG} must be a bool mask or a float gate, got dtype {mask.dtype}")
+    expected = f"(), ({batch},) or ({batch}, seq >= {seq})"
+    if mask.dim() == 0:
+        mask = mask.expand(batch, seq)
+    elif mask.dim() == 1 and mask.shape[0] == batch:
+        mask = mask[:, None].expand(batch, seq)
+    elif mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] != seq:
+        if mask.shape[1] < past + seq:
+            raise ValueError(
+                f"{ROUTE_KWARG} has {mask.shape[1]} positions but the input covers positions "
+                f"{past}..{past + seq - 1} (cache length {past}); expected shape {expected}"
+            )
+        mask = mask[:, past : past + seq]
+    elif mask.dim() != 2 or mask.shape[0] != batch:
+        raise ValueError(f"{ROUTE_KWARG} must have shape {expected}, got {tuple(mask.shape)}")
+    return mask.to(device)
+
+
+def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of an upscaled model: consume ``scale_route`` and set the model's route state.
+
+    The state is looked up on ``module`` at call time (not captured), so ``copy.deepcopy`` of a model works.
+    """
+    state = route_state_of(module)
+    mask = kwargs.pop(ROUTE_KWARG, None)
+    if mask is None:
+        state.mask = None
+        return args, kwargs
+    if not getattr(module, "scale_has_route", False):
+        raise ValueError(
+            f"{ROUTE_KWARG} was given but this upscaled model has no W12 term to route "
+            "(mode='preserve'); upscale with mode='route' or 'adapt'"
+        )
+    batch, seq, device = _input_batch_seq(args, kwargs)
+    state.mask = prepare_route_mask(mask, batch, seq, _past_length(kwargs), device)
+    return args, kwargs
+
+
+def _validate_model_kwargs_without_route(self: nn.Module, model_kwargs: dict) -> None:
+    """``generate`` rejects kwargs not named in ``forward``'s signature: exempt ``scale_route``.
+
+    generate keeps unknown model kwargs across steps and passes them to every forward, where the pre-hook
+    consumes them.
+    """
+    model_kwargs = dict(model_kwargs)
+    model_kwargs.pop(ROUTE_KWARG, None)
+    return type(self)._validate_model_kwargs(self, model_kwargs)
+
+
+def install_route_hook(model: nn.Module, state: RouteState) -> None:
+    """Attach ``state`` to ``model`` and let ``model(..., scale_route=mask)`` / ``generate`` set its mask."""
+    model._scale_state = state
+    model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True)
+    if hasattr(type(model), "_validate_model_kwargs"):  # bound per instance (deepcopy rebinds it)
+        model._validate_model_kwargs = types.MethodType(_validate_model_kwargs_without_route, model)
+
+
+@contextlib.contextmanager
+def original_stream(model: nn.Module) -> Iterator[None]:
+    """Inside the block the upscaled model computes exactly its pretrained base model.
+
+    Every W12 term is skipped (route 0 everywhere) and the LM head ignores ``h_up``; with W, b, norms and
+    embeddings frozen, the logits then equal the base model's, whatever the expansion has learned.
+    """
+    state = route_state_of(model)
+    previous = state.original_only
+    state.original_only = True
+    try:
+        yield
+    finally:
+        state.original_only = previous
+
+
+def _probs(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class RoutePolicy:
+    """The SCALE-Route rule: route 1 (adaptation path) where the preserve-path and adapt-path next-token
+    distributions differ, i.e. ``cos(p_preserve, p_adapt) < tau``; route 0 (preservation) otherwise.
+
+    Masks returned are bool ``(batch, seq)`` with True = adaptation path (what ``scale_route`` expects).
+    """
+
+    tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite float (cosine threshold in [-1, 1]), got {tau!r}")
+
+    @staticmethod
+    def similarity(logits_preserve: Tensor, logits_adapt: Tensor) -> Tensor:
+        """Cosine similarity of the two softmax distributions: ``(..., vocab) x2 -> (...)`` (fp32)."""
+        if logits_preserve.shape != logits_adapt.shape:
+            raise ValueError(
+                f"logits_preserve and logits_adapt must have the same shape (..., vocab), got "
+                f"{tuple(logits_preserve.shape)} and {tuple(logits_adapt.shape)}"
+            )
+        return torch.nn.functional.cosine_similarity(_probs(logits_preserve), _probs(logits_adapt), dim=-1)
+
+    def route_from_logits(self, logits_preserve: Tensor, logits_adapt: Tensor) -> Tensor:
+        """``(..., vocab) x2 -> (...)`` bool: True where the token takes the adaptation path."""
+        return self.similarity(logits_preserve, logits_adapt) < self.tau
+
+    @torch.no_grad()
+    def compute_route(self, model: nn.Module, input_ids: Tensor, **forward_kwargs) -> Tensor:
+        """Run ``model`` on the preservation path (route 0) and the adaptation path (route 1) and return the
+        ``(batch, seq)`` bool route mask (no gradient). Extra kwargs (``attention_mask``...) are passed on."""
+        route_state_of(model)
+        forward_kwargs = {**forward_kwargs, "use_cache": False}
+        preserve = model(input_ids, scale_route=False, **forward_kwargs).logits
+        adapt = model(input_ids, scale_route=True, **forward_kwargs).logits
+        return self.route_from_logits(preserve, adapt)
+
+    __call__ = compute_route
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Greedy decoding where every token is routed by the policy, with a KV cache.
+
+        The prompt's route comes from :meth:`compute_route`; each new token is fed twice (route 0 and
+        route 1, on copies of the cache), and the cache and next-token logits of the chosen path are kept.
+        Sequences are decoded one at a time (no padding needed; prompts in one batch share their length).
+
+        Returns ``(sequences (batch, prompt + n), route (batch, prompt + n - 1))``: the route used for every
+        fed token (the last generated token is never fed). Positions after an early ``eos`` are
+        ``pad_token_id`` / False.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        total = input_ids.shape[1] + max_new_tokens
+        seqs = input_ids.new_full((input_ids.shape[0], total), pad_token_id)
+        routes = torch.zeros(input_ids.shape[0], total - 1, dtype=torch.bool, device=input_ids.device)
+        for b in range(input_ids.shape[0]):
+            seq, route = self._generate_one(model, input_ids[b : b + 1], max_new_tokens, eos_token_id)
+            seqs[b, : seq.numel()] = seq
+            routes[b, : route.numel()] = route
+        return seqs, routes
+
+    def _generate_one(
+        self, model: nn.Module, prompt: Tensor, max_new_tokens: int, eos_token_id: int | None
+    ) -> tuple[Tensor, Tensor]:
+        route = self.compute_route(model, prompt)[0]
+        out = model(prompt, scale_route=route[None], use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        tokens, routes = [prompt[0]], [route]
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+            tokens.append(tok[0])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and tok.item() == eos_token_id):
+                break
+            cache_adapt = copy.deepcopy(cache)
+            out0 = model(tok, past_key_values=cache, scale_route=False, use_cache=True)
+            out1 = model(tok, past_key_values=cache_adapt, scale_route=True, use_cache=True)
+            adapt = self.route_from_logits(out0.logits[:, -1], out1.logits[:, -1])
+            routes.append(adapt)
+            cache, logits = (out1.past_key_values, out1.logits[:, -1]) if adapt.item() else (
+                out0.past_key_values, out0.logits[:, -1])
+        return torch.cat(tokens), torch.cat(routes)
