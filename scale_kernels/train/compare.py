@@ -64,12 +64,13 @@ def run_compare(base_cfg: TrainConfig, methods: list[str], out_dir: str | Path, 
     ``comparison.{json,md,png}`` into ``out_dir``. Returns the comparison dict."""
     out_dir = Path(out_dir)
     base_cfg = replace(base_cfg, resume=True).validate()
-    base = run_one(replace(base_cfg, method="full", steps=0, eval_at_start=True, output_dir=str(out_dir / BASE)),
+    base_run = replace(base_cfg, method="full", steps=0, eval_at_start=True, output_dir=str(out_dir / BASE))
+    base = run_one(base_run,
                    reuse=reuse, subprocess_run=subprocess_run)
     runs: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     for method in methods:
-        cfg = replace(base_cfg, method=method, eval_at_start=False, output_dir=str(out_dir / method)).validate()
+        cfg = replace(base_cfg, method=method, eval_at_start=False, output_dir=str(out_dir / method))
         try:
             runs[method] = run_one(cfg, reuse=reuse, subprocess_run=subprocess_run)
         except (RuntimeError, ValueError) as e:

@@ -68,7 +68,8 @@ def missing_corpora() -> list[str]:
 def fortunes_documents() -> list[str]:
     """Every fortune (one document each) of the prose files of the ``fortunes`` package."""
     if not fortunes_available():
-        raise DataSetupError(f"the English fortunes corpus is not installed ({FORTUNES_DIR}); run: {APT_COMMAND}")
+        raise DataSetupError(f"the English fortunes corpus is not installed ({FORTUNES_DIR}); "
+                             f"run: {APT_COMMAND}")
     docs: list[str] = []
     for name in FORTUNE_FILES:
         path = FORTUNES_DIR / name

@@ -43,7 +43,8 @@ def read_text_file(path: str | Path) -> str:
 
 def _hf_documents(spec: str) -> list[str]:
     parts = spec.split(":")
-    name, split, column = parts[1], parts[2] if len(parts) > 2 else "train", parts[3] if len(parts) > 3 else "text"
+    parts += ["train", "text"][len(parts) - 2:] if len(parts) < 4 else []
+    name, split, column = parts[1], parts[2], parts[3]
     try:
         import datasets
     except ImportError as e:

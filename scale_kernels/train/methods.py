@@ -146,7 +146,8 @@ def _prepare_baseline(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
 
 PREPARERS: dict[str, Callable[[nn.Module, TrainConfig], MethodSetup]] = {
     "scale-preserve": _prepare_scale, "scale-adapt": _prepare_scale, "scale-route": _prepare_scale,
-    "full": _prepare_baseline, "freeze": _prepare_baseline, "lora": _prepare_baseline, "depth": _prepare_baseline,
+    "full": _prepare_baseline, "freeze": _prepare_baseline, "lora": _prepare_baseline,
+    "depth": _prepare_baseline,
 }
 
 

@@ -30,7 +30,7 @@ def smollm2_gguf_folder() -> Path:
         raise DataSetupError(f"the bundled SmolLM2-135M model is not installed; run: {SMOLLM2_PIP}")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise DataSetupError(f"{folder} has no {SMOLLM2_GGUF}; reinstall with: {SMOLLM2_PIP} --force-reinstall")
+        raise DataSetupError(f"{folder} has no {SMOLLM2_GGUF}; reinstall: {SMOLLM2_PIP} --force-reinstall")
     return folder
 
 
@@ -42,7 +42,8 @@ def smollm2_model_dir() -> Path:
     folder = smollm2_gguf_folder()
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise DataSetupError(f"converting the GGUF model needs {missing}; run: pip install {' '.join(missing)}")
+        raise DataSetupError(f"converting the GGUF model needs {missing}; "
+                             f"run: pip install {' '.join(missing)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
@@ -72,6 +73,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
 
     path = resolve_model_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(dtype)  # no dtype kwarg: its name differs across versions
+    # no dtype kwarg: its name differs across transformers versions
+    model = AutoModelForCausalLM.from_pretrained(path).to(dtype)
     model.config.use_cache = False
     return model, tokenizer

@@ -34,9 +34,10 @@ from .models import load_model_and_tokenizer
 
 Tensor = torch.Tensor
 # Fields that must match between a checkpoint and the run resuming from it.
-RESUME_KEYS = ("model", "method", "width", "extra_hidden", "extra_kv_heads", "extra_intermediate", "adapt_layers",
-               "adapt_modules", "init", "lora_r", "freeze_lower", "depth_blocks", "train_data", "seq_len",
-               "batch_size", "grad_accum", "seed")
+RESUME_KEYS = ("model", "method", "width", "extra_hidden", "extra_kv_heads", "extra_intermediate",
+               "adapt_layers", "adapt_modules", "init", "lora_r", "freeze_lower", "depth_blocks",
+               "train_data",
+               "seq_len", "batch_size", "grad_accum", "seed")
 
 
 @dataclass
@@ -103,7 +104,8 @@ def pick_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def wrap_distributed(model: nn.Module, cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> nn.Module:
+def wrap_distributed(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                     dist_info: DistInfo) -> nn.Module:
     """DDP (default) or FSDP2 ``fully_shard`` (``fsdp=True``) when running on several processes."""
     if dist_info.world_size == 1:
         return model
@@ -189,7 +191,8 @@ class Trainer:
             "probe_tokens": int(probe.numel()),
         }
         if cfg.gradient_checkpointing:
-            unwrap(setup.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            unwrap(setup.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         setup.model.to(device)
         setup.model = wrap_distributed(setup.model, cfg, device, dist_info)
         return cls(cfg, setup, data, device, dist_info, preservation)
@@ -214,7 +217,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "tokens_seen": self.tokens_seen,
         }
-        return checkpointing.save_checkpoint(self.ckpt_dir, self.step, trainable_state(unwrap(self.model)), state,
+        tensors = trainable_state(unwrap(self.model))
+        return checkpointing.save_checkpoint(self.ckpt_dir, self.step, tensors, state,
                                              keep=self.cfg.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
