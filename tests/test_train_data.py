@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -173,3 +174,20 @@ def test_warmup_cosine_schedule():
     assert values[:2] == [0.5, 1.0] and values[2] == pytest.approx(1.0)
     assert values[10] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
+
+
+def test_hf_dataset_source(monkeypatch):
+    class FakeDataset:
+        column_names = ["text", "id"]
+
+        def __getitem__(self, column):
+            return ["first doc", "  ", "second doc"] if column == "text" else [1, 2, 3]
+
+    calls = []
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_documents(["hf:some/corpus:validation"]) == ["first doc", "second doc"]
+    assert calls == [("some/corpus", "validation")]
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        load_documents(["hf:some/corpus:train:body"])

@@ -173,3 +173,16 @@ def test_compare_writes_table_json_and_plot_and_reuses_runs(files, tmp_path, cap
     capsys.readouterr()
     run_compare(cfg, ["freeze"], out, subprocess_run=False)
     assert "freeze: reusing" in capsys.readouterr().out
+
+
+def test_bf16_autocast_and_gradient_checkpointing(files, tmp_path):
+    results = _run(_cfg(files, tmp_path / "a", method="freeze", precision="bf16", steps=2,
+                        gradient_checkpointing=True))[1]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in results["losses"])
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        _run(_cfg(files, tmp_path / "b", method="freeze", precision="fp16", steps=1))
+    if HAS_SCALE:  # either the SCALE op handles autocast, or the run stops early with a clear message
+        try:
+            _run(_cfg(files, tmp_path / "c", method="scale-preserve", precision="bf16", steps=1))
+        except ValueError as e:
+            assert "not autocast-aware" in str(e)

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import DEFAULT_LR, TrainConfig
 
 BASE = "base"
 
@@ -96,7 +96,7 @@ def summarize(base: dict[str, Any], runs: dict[str, dict[str, Any]], cfg: TrainC
             "method": method,
             "trainable_params": r["details"]["trainable_params"],
             "total_params": r["details"]["total_params"],
-            "lr": r["config"]["lr"] if r["config"]["lr"] is not None else None,
+            "lr": r["config"]["lr"] if r["config"]["lr"] is not None else DEFAULT_LR[method],
             "old_ppl_before": before["old"]["ppl"], "old_ppl_after": after["old"]["ppl"],
             "forgetting_pct": _pct(after["old"]["ppl"], before["old"]["ppl"]),
             "new_ppl_before": before["new"]["ppl"], "new_ppl_after": after["new"]["ppl"],
@@ -125,13 +125,13 @@ def summarize(base: dict[str, Any], runs: dict[str, dict[str, Any]], cfg: TrainC
 def markdown_table(comparison: dict[str, Any]) -> str:
     """The comparison as a Markdown table (perplexities; lower is better; + = worse)."""
     lines = [
-        "| method | trainable params | old-domain ppl before → after (forgetting) | "
+        "| method | lr | trainable params | old-domain ppl before → after (forgetting) | "
         "new-domain ppl before → after (adaptation) | init max abs Δlogits | peak mem (MiB) | tokens/s |",
-        "|---|---:|---|---|---:|---:|---:|",
+        "|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in comparison["rows"]:
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} "
+            f"| {r['method']} | {r['lr']:g} | {r['trainable_params']:,} "
             f"| {r['old_ppl_before']:.2f} → {r['old_ppl_after']:.2f} ({r['forgetting_pct']:+.1f}%) "
             f"| {r['new_ppl_before']:.2f} → {r['new_ppl_after']:.2f} ({r['adaptation_pct']:+.1f}%) "
             f"| {r['init_max_abs_logit_diff']:.2e} | {r['peak_memory_mb']:.0f} | {r['tokens_per_s']:.0f} |"

@@ -147,6 +147,19 @@ def _probe_logits(model: nn.Module, ids: Tensor, setup: MethodSetup | None = Non
     return logits
 
 
+def _check_autocast(setup: MethodSetup, probe: Tensor, precision: str) -> None:
+    """Fail early, with a clear message, when the model cannot run under ``precision`` autocast."""
+    device = next(setup.model.parameters()).device
+    try:
+        with torch.no_grad(), autocast_context(device, precision):
+            setup.model(input_ids=probe.to(device), use_cache=False)
+    except TypeError as e:
+        raise ValueError(
+            f"precision={precision!r} does not work for method {setup.method!r} here: {e}. The SCALE op "
+            "needs all operands in one dtype and is not autocast-aware in this version; use precision='fp32'"
+        ) from e
+
+
 class Trainer:
     """One training run of one method. Build with :meth:`from_config`, then call :meth:`run`."""
 
@@ -194,6 +207,8 @@ class Trainer:
             unwrap(setup.model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         setup.model.to(device)
+        if cfg.precision != "fp32":
+            _check_autocast(setup, probe, cfg.precision)
         setup.model = wrap_distributed(setup.model, cfg, device, dist_info)
         return cls(cfg, setup, data, device, dist_info, preservation)
 
