@@ -14,6 +14,7 @@ from .models import upscale_model
 from .modules import GroupedRMSNorm, ScaleEmbedding, ScaleLinear, ScaleLMHead, ScaleRMSNorm
 from .reference import upscaled_linear_reference
 from .route import RoutePolicy, original_stream
+from .validation import check_finite
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "ScaleLinear",
     "ScaleRMSNorm",
     "available_backends",
+    "check_finite",
     "last_backend",
     "load_expansion",
     "load_upscaled",

@@ -74,9 +74,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
     return mod.unavailable_reason(device, dtype)
 
 
-def available_backends(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, str | None]:
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
     """Map each backend name to None (usable for this device/dtype) or the reason it is not."""
     device = torch.device(device)
     return {name: unavailable_reason(name, device, dtype) for name in BACKEND_NAMES}

@@ -85,9 +85,7 @@ def _backward_weight_op(
     need_w12: bool,
     backend: str,
 ) -> list[Tensor]:
-    grads = backends.get_backend(backend).backward_weight(
-        dy, x, route, d_in, d_out, need_w21, need_w22, need_w12
-    )
+    grads = backends.get_backend(backend).backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12)
     return [g for g in grads if g is not None]
 
 
@@ -128,9 +126,7 @@ def _backward(ctx, dy):
         droute = droute if need["route"] else None
     if need["w21"] or need["w22"] or need["w12"]:
         grads = iter(
-            _backward_weight_op(
-                dy, x, route, ctx.d_in, ctx.d_out, need["w21"], need["w22"], need["w12"], ctx.backend
-            )
+            _backward_weight_op(dy, x, route, ctx.d_in, ctx.d_out, need["w21"], need["w22"], need["w12"], ctx.backend)
         )
         dw21 = next(grads) if need["w21"] else None
         dw22 = next(grads) if need["w22"] else None
@@ -141,6 +137,57 @@ def _backward(ctx, dy):
 
 
 _upscaled_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@_upscaled_linear_op.register_vmap
+def _vmap(info, in_dims, x, w, w21, w22, w12, bias, bias_up, route, backend):
+    """``torch.func.vmap`` rule. Batched tokens (x and/or route) fold into the token dim: one launch.
+    Batched weights (e.g. an ensemble) run one launch per batch element."""
+    x_dim, route_dim = in_dims[0], in_dims[7]
+    if all(d is None for i, d in enumerate(in_dims) if i not in (0, 7)):
+        b = info.batch_size
+        xb = x.movedim(x_dim, 0) if x_dim is not None else x.expand(b, *x.shape)
+        m = xb.shape[1]
+        rb = None
+        if route is not None:
+            rb = route.movedim(route_dim, 0) if route_dim is not None else route.expand(b, m)
+            rb = rb.reshape(b * m).contiguous()
+        y = _upscaled_linear_op(xb.reshape(b * m, -1), w, w21, w22, w12, bias, bias_up, rb, backend)
+        return y.reshape(b, m, -1), 0
+    args = (x, w, w21, w22, w12, bias, bias_up, route)
+    outs = []
+    for i in range(info.batch_size):
+        sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims)]
+        outs.append(_upscaled_linear_op(*sliced, backend))
+    return torch.stack(outs), 0
+
+
+def _reject_functorch_autodiff() -> None:
+    """Custom-op autograd does not compose with functorch's autodiff transforms; say so clearly."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    if not stack:
+        return
+    autodiff = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    if any(level.key() in autodiff for level in stack):
+        raise RuntimeError(
+            "upscaled_linear does not support torch.func.grad / vjp / jacrev / jacfwd / jvp / hessian (its "
+            "backward is a torch.library custom-op autograd formula, which functorch's autodiff transforms "
+            "cannot call). Use loss.backward() or torch.autograd.grad; torch.func.vmap is supported."
+        )
+
+
+def _autocast(tensors: tuple, device_type: str) -> tuple:
+    """Under ``torch.autocast`` behave like ``nn.Linear``: cast the floating-point operands (not fp64, like
+    autocast itself) to the autocast dtype of ``device_type``. The cast is differentiable, so fp32 master
+    weights get fp32 gradients."""
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return tuple(cast(t) for t in tensors)
 
 
 def upscaled_linear(
@@ -168,8 +215,18 @@ def upscaled_linear(
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default: see :mod:`scale_kernels.backends`).
 
     Returns:
-        ``(..., d_out + e_out)``: ``[y ; y_up]`` in x's dtype. ``e_in`` and ``e_out`` may be 0.
+        ``(..., d_out + e_out)``: ``[y ; y_up]`` in x's dtype (under ``torch.autocast``: the autocast dtype,
+        like ``nn.Linear``). ``e_in`` and ``e_out`` may be 0.
+
+    NaN/inf in ``x`` propagate exactly like in the reference (a route-0 token whose ``x_up`` is NaN gets a NaN
+    original output, as ``(x_up W12^T) * 0`` does in PyTorch); see docs/compatibility.md.
+    Works under ``torch.compile(fullgraph=True)``, ``torch.autocast``, ``torch.utils.checkpoint`` and
+    ``torch.func.vmap``; ``torch.func.grad`` and the other functorch autodiff transforms raise a RuntimeError.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, w, w21, w22, w12, bias, bias_up = _autocast((x, w, w21, w22, w12, bias, bias_up), x.device.type)
+    if not torch.compiler.is_compiling():
+        _reject_functorch_autodiff()
     sizes = check_upscaled_linear_args(x, w, w21, w22, w12, bias, bias_up, route)
     name = backends.resolve_backend(backend, x.device, x.dtype)
     lead = x.shape[:-1]

@@ -133,8 +133,10 @@ class ScaleLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.weight_21 = nn.Parameter(torch.zeros(extra_out, in_features, **kw))
-        self.weight_22 = nn.Parameter(torch.zeros(extra_out, extra_in, **kw))
+        # an empty block (e_out == 0, e.g. the LM head, or e_in == 0) has nothing to train: it stays out of the
+        # optimizer, and FSDP2 never has to reduce-scatter a 0-element gradient
+        self.weight_21 = nn.Parameter(torch.zeros(extra_out, in_features, **kw), requires_grad=extra_out > 0)
+        self.weight_22 = nn.Parameter(torch.zeros(extra_out, extra_in, **kw), requires_grad=extra_out * extra_in > 0)
         if self._has_w12():
             self.weight_12 = nn.Parameter(torch.zeros(out_features, extra_in, **kw))
         else:

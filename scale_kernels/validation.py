@@ -7,12 +7,54 @@ wrong answer.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 _OP = "upscaled_linear"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CHECK_FINITE_ENV_VAR = "SCALE_KERNELS_CHECK_FINITE"
+_check_finite: list[bool] = []
+
+
+@contextlib.contextmanager
+def check_finite(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, ``upscaled_linear`` also rejects non-finite *configuration* values with a ValueError
+    before any kernel runs: NaN/inf in ``w``, ``w21``, ``w22``, ``w12``, ``bias``, ``bias_up`` or a float
+    ``route`` gate (a NaN gate makes every original output of its token NaN). ``x`` is never checked: NaN/inf
+    in activations propagate like in PyTorch.
+
+    Off by default: the check reads tensor values, which costs a host-device sync per call on a GPU. Also
+    enabled by the environment variable ``SCALE_KERNELS_CHECK_FINITE=1``. Skipped inside ``torch.compile``
+    (a data-dependent branch would break the graph).
+    """
+    _check_finite.append(enabled)
+    try:
+        yield
+    finally:
+        _check_finite.pop()
+
+
+def finite_checks_enabled() -> bool:
+    """Whether :func:`check_finite` (or ``SCALE_KERNELS_CHECK_FINITE=1``) is in force."""
+    if _check_finite:
+        return _check_finite[-1]
+    return os.environ.get(CHECK_FINITE_ENV_VAR, "0").strip() not in ("", "0")
+
+
+def _check_values_finite(named: list[tuple[str, torch.Tensor | None]]) -> None:
+    for name, t in named:
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(
+                f"{_OP}: {name} has {bad} non-finite (NaN/inf) value(s) of {t.numel()}; every output that reads "
+                f"them would be NaN/inf (check_finite is enabled)"
+            )
 
 
 @dataclass(frozen=True)
@@ -28,6 +70,8 @@ class BlockSizes:
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}; use .to_dense()")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{_OP}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
@@ -35,9 +79,7 @@ def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != expected:
-        raise ValueError(
-            f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}")
 
 
 def check_upscaled_linear_args(
@@ -113,4 +155,6 @@ def check_upscaled_linear_args(
             )
         if route.device != x.device:
             raise ValueError(f"{_OP}: route must be on x's device {x.device}, got {route.device}")
+    if finite_checks_enabled() and not torch.compiler.is_compiling():
+        _check_values_finite([*named, ("route", route)])
     return BlockSizes(d_in=d_in, e_in=e_in, d_out=d_out, e_out=e_out)

@@ -211,3 +211,13 @@ def test_standalone_module_is_initialised_like_nn_linear():
     bound = 1 / 16**0.5  # kaiming_uniform(a=sqrt(5)) bound for fan_in 16
     assert m.weight.abs().max() <= bound and m.weight.abs().max() > bound / 2
     assert torch.isfinite(m(torch.randn(3, 20, generator=_gen()))).all()
+
+
+@pytest.mark.parametrize("extra_in, extra_out", [(3, 0), (0, 5), (0, 0)])
+def test_empty_expansion_blocks_are_not_trainable(extra_in, extra_out):
+    """0-element blocks hold nothing to train (FSDP2 cannot reduce-scatter a 0-element gradient)."""
+    layer = sk.ScaleLinear(6, 4, extra_in, extra_out, mode="adapt")
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert all(p.numel() > 0 for n, p in layer.named_parameters() if n in trainable)
+    assert ("weight_21" in trainable) == (extra_out > 0)
+    assert ("weight_22" in trainable) == (extra_out > 0 and extra_in > 0)

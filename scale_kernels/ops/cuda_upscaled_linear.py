@@ -1,7 +1,9 @@
 """``cuda`` backend: the compiled extension built from ``csrc/`` (optional).
 
-The extension is built only on request (see the README); without it this backend reports why it is
-unavailable and the dispatcher never selects it automatically.
+The extension is built only on request (docs/cuda.md: ``SCALE_KERNELS_BUILD_CUDA=1``); without it, or on a
+GPU older than sm_80, this backend reports why it is unavailable and the dispatcher skips it (CUDA tensors go
+to ``triton``, else ``cuda``, else ``torch``). The launchers take the 2-D token-major tensors of
+:class:`scale_kernels.backends.KernelBackend`; the binding (csrc/binding.cpp) checks them again.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 name = "cuda"
+MIN_CAPABILITY = (8, 0)  # bf16 WMMA tensor cores; the binding checks it too
 
 try:
     from .. import _C  # noqa: F401  (compiled extension, registers torch.ops.scale_kernels_cuda)
@@ -16,8 +19,8 @@ try:
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:
     _IMPORT_ERROR = (
-        "the CUDA extension scale_kernels._C is not built (reinstall with SCALE_KERNELS_BUILD_CUDA=1 "
-        f"on a machine with nvcc and a CUDA build of torch): {exc}"
+        "the CUDA extension scale_kernels._C is not built (on a machine with nvcc and a CUDA build of torch: "
+        f"SCALE_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . ; see docs/cuda.md): {exc}"
     )
 
 
@@ -28,6 +31,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"the cuda backend needs CUDA tensors, got device {device}"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the cuda backend supports float32/float16/bfloat16, got {dtype}"
+    if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"the cuda backend needs compute capability >= 8.0 (sm_80+), {device} is {major}.{minor}"
     return None
 
 
@@ -41,7 +47,5 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
-    grads = iter(
-        torch.ops.scale_kernels_cuda.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12)
-    )
+    grads = iter(torch.ops.scale_kernels_cuda.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12))
     return tuple(next(grads) if need else None for need in (need_w21, need_w22, need_w12))

@@ -24,15 +24,16 @@ def forward(x, w, w21, w22, w12, bias, bias_up, route) -> torch.Tensor:
 def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
     """``dx = [dy0 W + dy1 W21 ; r*(dy0 W12) + dy1 W22]`` and ``droute[m] = <x1[m], (dy0 W12)[m]>``."""
     d_out, d_in = w.shape
+    M = dy.shape[0]
     dy0, dy1 = dy[:, :d_out], dy[:, d_out:]
-    dx = torch.empty(dy.shape[0], d_in + w22.shape[1], dtype=dy.dtype, device=dy.device)
+    dx = torch.empty(M, d_in + w22.shape[1], dtype=dy.dtype, device=dy.device)
     torch.addmm(dy0 @ w, dy1, w21, out=dx[:, :d_in])
     dx1 = dy1 @ w22
     droute = None
     if w12 is not None:
         g = dy0 @ w12
-        if need_droute:
-            droute = (g.to(route.dtype) * x[:, d_in:].to(route.dtype)).sum(dim=1)
+        if need_droute:  # an empty W12 term (d_out == 0) has droute exactly 0, even for a NaN x_up
+            droute = (g.to(route.dtype) * x[:, d_in:].to(route.dtype)).sum(dim=1) if d_out else route.new_zeros(M)
         if route is not None:
             g = (g * route.unsqueeze(1)).to(dy.dtype)
         dx1 += g

@@ -1,0 +1,127 @@
+"""Markdown tables of results files (what the README and ``run_all`` show)."""
+
+from __future__ import annotations
+
+import json
+
+from .results import is_package
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def _case_label(case: dict | None) -> str:
+    if not case:
+        return "-"
+    if "tokens" in case:
+        return f"{case['mode']} T={case['tokens']} d={case['d']} e={case['e']}"
+    ckpt = "ckpt on" if case.get("gradient_checkpointing") else "ckpt off"
+    return f"{case.get('mode', '')} B={case.get('batch_size')} S={case.get('seq_len')} {ckpt}".strip()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _header(payload: dict) -> list[str]:
+    env, settings = payload["env"], payload["settings"]
+    title = f"## {payload['kind']} benchmark"
+    lines = [title, ""]
+    if payload["smoke"]:
+        lines += [f"> **{payload['label']}.**", ""]
+    lines.append(
+        f"Device: **{env['device_name']}**; dtype {settings.get('dtype')}; timer {settings.get('timer')}; "
+        f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}; commit {str(env.get('git_commit'))[:10]}; {env['timestamp_utc']}."
+    )
+    skipped = settings.get("skipped_backends") or {}
+    if skipped:
+        lines.append("Backends not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + ".")
+    return lines + [""]
+
+
+def _cell(rec: dict) -> str:
+    if rec["status"] != "ok":
+        return rec["status"].split(":")[0]
+    thr = f"{rec['tflops']:.3g} TF/s" if "tflops" in rec else f"{rec['tokens_per_s']:.4g} tok/s"
+    mem = "" if rec.get("peak_mem_mb") is None else f", {rec['peak_mem_mb']:.0f} MiB"
+    return f"{rec['median_ms']:.3g} ms ({rec['p20_ms']:.3g}-{rec['p80_ms']:.3g}), {thr}{mem}"
+
+
+def _records_tables(payload: dict) -> list[str]:
+    lines = []
+    impls = list(dict.fromkeys(r["impl"] for r in payload["records"]))
+    for pass_name in dict.fromkeys(r["pass"] for r in payload["records"]):
+        recs = [r for r in payload["records"] if r["pass"] == pass_name]
+        cases = list(dict.fromkeys(json.dumps(r["case"], sort_keys=True) for r in recs))
+        by_key = {(json.dumps(r["case"], sort_keys=True), r["impl"]): r for r in recs}
+        rows = [
+            [_case_label(json.loads(c))] + [_cell(by_key[(c, i)]) if (c, i) in by_key else "-" for i in impls]
+            for c in cases
+        ]
+        lines += [f"### {pass_name}: median (p20-p80)", ""] + _table(["case", *impls], rows) + [""]
+    return lines
+
+
+def _comparison_table(payload: dict) -> list[str]:
+    comps = payload["comparisons"]
+    if not comps:
+        return ["No package-vs-baseline comparisons (no package record and baseline record both ok).", ""]
+    rows = [
+        [
+            c["pass"],
+            _case_label(c["case"]),
+            c["impl"],
+            c["baseline"],
+            _fmt(c["speedup"]),
+            _fmt(c["throughput_ratio"]),
+            _fmt(c["mem_ratio"]),
+        ]
+        for c in comps
+    ]
+    header = ["pass", "case", "impl", "baseline", "speedup", "throughput ratio", "memory ratio"]
+    return ["### ratios against each baseline (speedup > 1: package faster)", ""] + _table(header, rows) + [""]
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    """The issue-6 targets: one line per evaluated (impl, case)."""
+    body = [
+        [
+            t["id"],
+            t.get("impl") or "-",
+            _case_label(t.get("case")),
+            _fmt(t.get("value")),
+            f"{t['op']} {t['threshold']}",
+            t["status"] + ("" if t.get("on_target_hardware") else " (not H100 bf16)"),
+            t.get("reason", ""),
+        ]
+        for t in rows
+    ]
+    return _table(["target", "impl", "case", "value", "needs", "status", "note"], body) + [""]
+
+
+def render(payload: dict) -> str:
+    """Markdown of one results file: header, timings per pass, ratios, targets."""
+    lines = _header(payload) + _records_tables(payload) + _comparison_table(payload)
+    lines += ["### targets (issue 6 §5)", ""] + targets_table(payload["targets"])
+    return "\n".join(lines)
+
+
+def render_all(payloads: list[dict]) -> str:
+    """One Markdown document for several results files (e.g. layer + model of one run)."""
+    parts = ["# scale_kernels benchmark results", ""]
+    if any(p["smoke"] for p in payloads):
+        parts += [
+            "**These include CPU smoke runs: tiny shapes run once; they check the scripts and are not "
+            "performance numbers.**",
+            "",
+        ]
+    return "\n".join(parts + [render(p) for p in payloads])
+
+
+def package_impls(payload: dict) -> list[str]:
+    return list(dict.fromkeys(r["impl"] for r in payload["records"] if is_package(r["impl"])))

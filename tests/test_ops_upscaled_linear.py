@@ -1,0 +1,225 @@
+"""upscaled_linear: every backend against the fp64 reference, forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_matches_reference, make_operands, run, triton_usable
+
+import scale_kernels as sk
+from scale_kernels import backends
+
+CPU_BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_usable(), reason="triton backend unavailable")),
+]
+ROUTES = ["none", "zeros", "ones", "random", "soft"]
+W12_KINDS = ["none", "frozen", "trainable"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("w12", W12_KINDS)
+def test_matches_reference_odd_shapes(backend, dtype, route, w12):
+    ops = make_operands(w12=w12, route=route, bias=route != "ones")
+    assert_matches_reference(ops, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(d_in=45, e_in=0, d_out=53, e_out=11),  # input not widened
+        dict(d_in=45, e_in=19, d_out=53, e_out=0),  # LM head: logits only
+        dict(d_in=33, e_in=70, d_out=17, e_out=66),  # expansion wider than the original, > one tile
+        dict(d_in=1, e_in=1, d_out=1, e_out=1),
+    ],
+    ids=["e_in0", "e_out0", "wide", "ones"],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_degenerate_widths(backend, sizes, bias):
+    ops = make_operands(**sizes, bias=bias, route="soft")
+    assert_matches_reference(ops, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_3d_input_and_route(backend):
+    ops = make_operands(lead=(3, 13), route="soft")
+    assert_matches_reference(ops, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "weights_t"])
+def test_non_contiguous_inputs(backend, layout, monkeypatch):
+    """A column-sliced x, transposed leading dims (x and route) and transposed weights give the reference
+    result; the kernel really receives the non-contiguous operand (no silent copy on the way in)."""
+    mod = backends.get_backend(backend)
+    seen = []
+    real_forward = mod.forward
+
+    def spy(x, w, *rest):
+        seen.append(x.is_contiguous() and w.is_contiguous())
+        return real_forward(x, w, *rest)
+
+    monkeypatch.setattr(mod, "forward", spy)
+    ops = make_operands(lead=(5, 7), route="random")
+    assert_matches_reference(ops, torch.float32, backend, layout=layout)
+    if layout != "transposed":  # flattening transposed leading dims to (M, D) needs a copy
+        assert seen == [False]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_tokens(backend):
+    ops = make_operands(lead=(0,), route="soft").to(torch.float32)
+    y = sk.upscaled_linear(*ops.args(), backend=backend)
+    assert y.shape == (0, 53 + 11)
+    y.sum().backward()
+    assert ops.w21.grad.shape == ops.w21.shape and ops.w21.grad.abs().max() == 0
+    assert ops.w12.grad.abs().max() == 0 and ops.x.grad.shape == ops.x.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_route_selects_paths(backend):
+    """route=0 tokens equal the W12-free (preserve) output exactly in the original columns; route=1 tokens
+    equal the full output; the expansion columns never depend on the route."""
+    ops = make_operands(route="random").to(torch.float32)
+    full = sk.upscaled_linear(ops.x, ops.w, ops.w21, ops.w22, ops.w12, ops.bias, ops.bias_up, backend=backend)
+    preserve = sk.upscaled_linear(ops.x, ops.w, ops.w21, ops.w22, None, ops.bias, ops.bias_up, backend=backend)
+    routed = sk.upscaled_linear(*ops.args(), backend=backend)
+    r = ops.route
+    assert 0 < r.sum() < r.numel()
+    torch.testing.assert_close(routed[r], full[r], rtol=0, atol=1e-6)
+    torch.testing.assert_close(routed[~r], preserve[~r], rtol=0, atol=1e-6)
+    assert (routed[:, 53:] == full[:, 53:]).all()
+    assert not torch.allclose(full[~r, :53], preserve[~r, :53])  # the W12 term is really there
+
+
+def test_gradcheck_torch_backend_fp64():
+    ops = make_operands(lead=(2, 3), d_in=5, e_in=4, d_out=6, e_out=3, route="soft")
+    diff = [t for _, t in ops.differentiable()]
+
+    def f(*d):
+        it = iter(d)
+        args = [next(it) if (t is not None and t.requires_grad) else t for t in ops.args()]
+        return sk.upscaled_linear(*args, backend="torch")
+
+    assert torch.autograd.gradcheck(f, diff)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_weights_get_no_grad(backend):
+    ops = make_operands(route="soft").to(torch.float32)
+    sk.upscaled_linear(*ops.args(), backend=backend).square().sum().backward()
+    assert ops.w.grad is None and ops.bias.grad is None
+    for t in (ops.x, ops.w21, ops.w22, ops.w12, ops.bias_up, ops.route):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_frozen_weight_requiring_grad_is_rejected():
+    ops = make_operands().to(torch.float32)
+    ops.w.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"w requires grad.*frozen"):
+        sk.upscaled_linear(*ops.args())
+    with torch.no_grad():  # inference with an unfrozen weight is fine
+        sk.upscaled_linear(*ops.args())
+
+
+class _Spy:
+    """Records the backward launcher calls of a backend module."""
+
+    def __init__(self, monkeypatch, backend: str):
+        mod = backends.get_backend(backend)
+        self.weight_calls: list[tuple[bool, bool, bool]] = []
+        self.input_calls: list[bool] = []
+        real_w, real_i = mod.backward_weight, mod.backward_input
+
+        def backward_weight(dy, x, route, d_in, d_out, n21, n22, n12):
+            self.weight_calls.append((n21, n22, n12))
+            return real_w(dy, x, route, d_in, d_out, n21, n22, n12)
+
+        def backward_input(dy, x, w, w21, w22, w12, route, need_droute):
+            self.input_calls.append(need_droute)
+            return real_i(dy, x, w, w21, w22, w12, route, need_droute)
+
+        monkeypatch.setattr(mod, "backward_weight", backward_weight)
+        monkeypatch.setattr(mod, "backward_input", backward_input)
+
+
+def _saved_tensor_ptrs(fn) -> set[int]:
+    ptrs: set[int] = set()
+
+    def pack(t):
+        ptrs.add(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return ptrs, out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "trainable, expected_weight_flags",
+    [
+        ({"w21", "w22", "w12"}, [(True, True, True)]),
+        ({"w21", "w22"}, [(True, True, False)]),  # W12 frozen (SCALE-Preserve style): dW12 skipped
+        ({"w22"}, [(False, True, False)]),
+        (set(), []),  # nothing trainable: no weight-gradient launch at all
+    ],
+)
+def test_backward_does_no_work_for_frozen_weights(monkeypatch, backend, trainable, expected_weight_flags):
+    spy = _Spy(monkeypatch, backend)
+    ops = make_operands(route="random").to(torch.float32)
+    for name in ("w21", "w22", "w12"):
+        getattr(ops, name).requires_grad_(name in trainable)
+    ops.bias_up.requires_grad_(False)
+    ptrs, y = _saved_tensor_ptrs(lambda: sk.upscaled_linear(*ops.args(), backend=backend))
+    # x is an activation: it is kept for backward only when a weight gradient needs it
+    assert (ops.x.data_ptr() in ptrs) == bool(trainable)
+    y.sum().backward()
+    assert spy.weight_calls == expected_weight_flags
+    assert spy.input_calls == [False]
+    for name in ("w", "w21", "w22", "w12"):
+        assert (getattr(ops, name).grad is not None) == (name in trainable)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_input_grad_skips_dx(monkeypatch, backend):
+    spy = _Spy(monkeypatch, backend)
+    ops = make_operands().to(torch.float32)
+    ops.x.requires_grad_(False)
+    sk.upscaled_linear(*ops.args(), backend=backend).sum().backward()
+    assert spy.input_calls == [] and spy.weight_calls == [(True, True, True)]
+
+
+def test_run_helper_covers_all_gradients():
+    """Guard against a vacuous reference test: the soft-route case differentiates 6 operands."""
+    ops = make_operands(route="soft")
+    assert [n for n, _ in ops.differentiable()] == ["x", "w21", "w22", "w12", "bias_up", "route"]
+    outs = run(ops, sk.upscaled_linear_reference, torch.ones(37, 64, dtype=torch.float64))
+    assert all(o.abs().sum() > 0 for o in outs)
+
+
+def test_torch_compile_fullgraph():
+    ops = make_operands(lead=(2, 5), route="soft").to(torch.float32)
+
+    def f(x, w21, route):
+        return sk.upscaled_linear(x, ops.w, w21, ops.w22, ops.w12, ops.bias, ops.bias_up, route, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(ops.x, ops.w21, ops.route)
+    gx, gw, gr = torch.autograd.grad(y.square().sum(), [ops.x, ops.w21, ops.route])
+    y_ref = f(ops.x, ops.w21, ops.route)
+    ex, ew, er = torch.autograd.grad(y_ref.square().sum(), [ops.x, ops.w21, ops.route])
+    torch.testing.assert_close(y, y_ref)
+    for a, b in ((gx, ex), (gw, ew), (gr, er)):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck():
+    """torch.library's own consistency checks (schema, fake impl, autograd registration)."""
+    ops = make_operands(lead=(4,), d_in=6, e_in=3, d_out=5, e_out=2, route="soft").to(torch.float32)
+    r = ops.route.detach().float().requires_grad_(True)
+    args = (ops.x, ops.w, ops.w21, ops.w22, ops.w12, ops.bias, ops.bias_up, r, "torch")
+    torch.library.opcheck(torch.ops.scale_kernels.upscaled_linear.default, args)
