@@ -1,0 +1,379 @@
+"""The continual pre-training loop: AdamW over the trainable parameters only, warmup + cosine schedule,
+gradient accumulation, bf16/fp16 autocast, gradient checkpointing, periodic evaluation, atomic checkpoints
+with exact resume, and a final method-specific save.
+
+Multi-GPU runs use PyTorch's own engines: launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE``
+> 1) the model is wrapped in ``DistributedDataParallel`` (or sharded with FSDP2 ``fully_shard`` when
+``fsdp=True``); every rank reads its own slice of each global batch.
+
+Outputs in ``output_dir``: ``log.json`` (every eval and every step's loss, rewritten after each eval),
+``checkpoints/`` (see :mod:`.checkpointing`), ``final/`` (the method's artefact) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpointing
+from .config import TrainConfig
+from .data import BatchStream, load_documents, pack_documents, split_documents, spread_subset
+from .evaluate import autocast_context, perplexity
+from .methods import MethodSetup, prepare_method, trainable_state, unwrap
+from .models import load_model_and_tokenizer
+
+Tensor = torch.Tensor
+# Fields that must match between a checkpoint and the run resuming from it.
+RESUME_KEYS = ("model", "method", "width", "extra_hidden", "extra_kv_heads", "extra_intermediate",
+               "adapt_layers", "adapt_modules", "init", "lora_r", "freeze_lower", "depth_blocks",
+               "train_data",
+               "seq_len", "batch_size", "grad_accum", "seed")
+
+
+@dataclass
+class RunData:
+    """Packed ``(n, seq_len)`` sequences: ``train`` and the two eval sets ``old`` / ``new``."""
+
+    train: Tensor
+    old: Tensor
+    new: Tensor
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> RunData:
+    """Load, split and pack the train / old-domain / new-domain data of ``cfg``."""
+    train_docs = load_documents(cfg.train_data)
+    if cfg.eval_new is None:
+        train_docs, new_docs = split_documents(train_docs, cfg.eval_fraction)
+    else:
+        new_docs = load_documents(cfg.eval_new)
+    old_docs = load_documents(cfg.eval_old)
+    pack = lambda docs, name: pack_documents(docs, tokenizer, cfg.seq_len, name=name)
+    return RunData(
+        train=pack(train_docs, "train data"),
+        old=spread_subset(pack(old_docs, "old-domain eval data"), cfg.eval_sequences),
+        new=spread_subset(pack(new_docs, "new-domain eval data"), cfg.eval_sequences),
+    )
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group started by torchrun / accelerate (``WORLD_SIZE`` > 1); else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device("cpu")
+
+
+def wrap_distributed(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                     dist_info: DistInfo) -> nn.Module:
+    """DDP (default) or FSDP2 ``fully_shard`` (``fsdp=True``) when running on several processes."""
+    if dist_info.world_size == 1:
+        return model
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:
+            raise ValueError("fsdp=True needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+        for layer in unwrap(model).model.layers if hasattr(unwrap(model), "model") else []:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory in bytes and what was measured (CUDA allocator peak, or the process's peak RSS on CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _probe_logits(model: nn.Module, ids: Tensor, setup: MethodSetup | None = None) -> Tensor:
+    model.eval()
+    extra = setup.forward_kwargs(ids, training=False) if setup is not None else {}
+    logits = model(input_ids=ids, use_cache=False, **extra).logits.float()
+    model.train()
+    return logits
+
+
+def _check_autocast(setup: MethodSetup, probe: Tensor, precision: str) -> None:
+    """Fail early, with a clear message, when the model cannot run under ``precision`` autocast."""
+    device = next(setup.model.parameters()).device
+    try:
+        with torch.no_grad(), autocast_context(device, precision):
+            setup.model(input_ids=probe.to(device), use_cache=False)
+    except TypeError as e:
+        raise ValueError(
+            f"precision={precision!r} does not work for method {setup.method!r} here: {e}. The SCALE op "
+            "needs all operands in one dtype and is not autocast-aware in this version; use precision='fp32'"
+        ) from e
+
+
+class Trainer:
+    """One training run of one method. Build with :meth:`from_config`, then call :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, setup: MethodSetup, data: RunData, device: torch.device,
+                 dist_info: DistInfo, preservation: dict[str, float]):
+        self.cfg, self.setup, self.data, self.device, self.dist = cfg, setup, data, device, dist_info
+        self.preservation = preservation
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.model = setup.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.stream = BatchStream(data.train, cfg.batch_size, cfg.seed, rank=dist_info.rank,
+                                  world_size=dist_info.world_size)
+        self.step = 0
+        self.losses: list[dict[str, float]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.train_seconds, self.tokens_seen = 0.0, 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Trainer:
+        """Load the model and data, apply the method, check that the function is preserved at step 0."""
+        cfg.validate()
+        if cfg.fsdp and cfg.save_every:
+            raise ValueError("save_every > 0 (mid-run checkpoints) is not supported with fsdp=True yet")
+        dist_info = init_distributed()
+        device = pick_device(cfg, dist_info)
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        data = build_data(cfg, tokenizer)
+        probe = data.new[:1]
+        base_logits = _probe_logits(model, probe)
+        setup = prepare_method(model, cfg)
+        new_logits = _probe_logits(setup.model, probe, setup)
+        preservation = {
+            "max_abs_logit_diff": float((new_logits - base_logits).abs().max()),
+            "max_abs_logit": float(base_logits.abs().max()),
+            "probe_tokens": int(probe.numel()),
+        }
+        if cfg.gradient_checkpointing:
+            unwrap(setup.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        setup.model.to(device)
+        if cfg.precision != "fp32":
+            _check_autocast(setup, probe, cfg.precision)
+        setup.model = wrap_distributed(setup.model, cfg, device, dist_info)
+        return cls(cfg, setup, data, device, dist_info, preservation)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict[str, Any]:
+        d = self.cfg.to_dict()
+        return {k: d[k] for k in RESUME_KEYS}
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": checkpointing.rng_state(),
+            "data": self.stream.state_dict(),
+            "losses": self.losses,
+            "evals": self.evals,
+            "fingerprint": self._fingerprint(),
+            "train_seconds": self.train_seconds,
+            "tokens_seen": self.tokens_seen,
+        }
+        tensors = trainable_state(unwrap(self.model))
+        return checkpointing.save_checkpoint(self.ckpt_dir, self.step, tensors, state,
+                                             keep=self.cfg.keep_checkpoints)
+
+    def maybe_resume(self) -> bool:
+        """Restore the latest complete checkpoint of ``output_dir`` (if any and ``resume``)."""
+        folder = checkpointing.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
+        if folder is None:
+            return False
+        step, tensors, state = checkpointing.load_checkpoint(folder)
+        if state["fingerprint"] != self._fingerprint():
+            diff = {k: (state["fingerprint"].get(k), v) for k, v in self._fingerprint().items()
+                    if state["fingerprint"].get(k) != v}
+            raise ValueError(f"checkpoint {folder} was written by a different run configuration "
+                             f"(checkpoint value, this run): {diff}; use another output_dir or resume=false")
+        named = dict(unwrap(self.model).named_parameters())
+        if set(tensors) != {n for n, p in named.items() if p.requires_grad}:
+            raise ValueError(f"checkpoint {folder} holds other trainable tensors than this model")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                named[name].copy_(tensor.to(named[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        checkpointing.set_rng_state(state["rng"])
+        self.stream.load_state_dict(state["data"])
+        self.losses, self.evals = list(state["losses"]), list(state["evals"])
+        self.train_seconds, self.tokens_seen = float(state["train_seconds"]), int(state["tokens_seen"])
+        self.step = step
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, Any]:
+        kwargs = lambda ids: self.setup.forward_kwargs(ids, training=False)
+        row: dict[str, Any] = {"step": self.step}
+        for name in ("old", "new"):
+            row[name] = perplexity(self.model, getattr(self.data, name), batch_size=self.cfg.batch_size,
+                                   device=self.device, precision=self.cfg.precision, forward_kwargs=kwargs)
+        self.evals.append(row)
+        if self.dist.main:
+            _write_json(self.out / "log.json", {"evals": self.evals, "losses": self.losses})
+        return row
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = self.stream.next_batch().to(self.device)
+            extra = self.setup.forward_kwargs(ids, training=True)
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast_context(self.device, cfg.precision):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += float(loss.detach())
+            self.tokens_seen += ids.numel()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``cfg.steps`` (resuming if a checkpoint exists), evaluate, save; return the results."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.maybe_resume()
+        if self.step == 0 and cfg.eval_at_start and not self.evals:
+            self.evaluate()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.main),
+                   desc=cfg.method, dynamic_ncols=True)
+        session_tokens, session_seconds = 0, 0.0
+        while self.step < cfg.steps:
+            start_tokens, start = self.tokens_seen, time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            loss = self.train_step()
+            elapsed = time.perf_counter() - start
+            self.train_seconds += elapsed
+            session_seconds += elapsed
+            session_tokens += self.tokens_seen - start_tokens
+            self.step += 1
+            self.losses.append({"step": self.step, "loss": loss, "lr": lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{session_tokens / max(session_seconds, 1e-9):.0f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if not self.evals or self.evals[-1]["step"] != self.step:
+            self.evaluate()
+        if cfg.steps > 0 and self.dist.main:
+            if cfg.save_every:
+                self.save_checkpoint()
+            self.setup.save_final(self.out / "final")
+        return self._results(resumed)
+
+    def _results(self, resumed: bool) -> dict[str, Any]:
+        memory, memory_kind = peak_memory(self.device)
+        results = {
+            "method": self.cfg.method,
+            "config": self.cfg.to_dict(),
+            "details": self.setup.details,
+            "preservation": self.preservation,
+            "resumed": resumed,
+            "losses": self.losses,
+            "evals": self.evals,
+            "before": self.evals[0] if self.evals and self.evals[0]["step"] == 0 else None,
+            "after": self.evals[-1] if self.evals else None,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "tokens_per_s": (self.tokens_seen * self.dist.world_size / self.train_seconds
+                             if self.train_seconds > 0 else None),  # all ranks together
+            "peak_memory_bytes": memory,
+            "peak_memory_kind": memory_kind,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "torch_version": torch.__version__,
+        }
+        if self.dist.main:
+            _write_json(self.out / "results.json", results)
+        return results
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Build a :class:`Trainer` for ``cfg`` and run it (optionally under a forced scale_kernels backend)."""
+    if cfg.backend:
+        from scale_kernels import use_backend
+
+        with use_backend(cfg.backend):
+            return Trainer.from_config(cfg).run()
+    return Trainer.from_config(cfg).run()

