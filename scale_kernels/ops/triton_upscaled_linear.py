@@ -163,6 +163,19 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _two_block_tile(pid, M, N_LEFT, N_RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile ``pid`` of an ``M x (N_LEFT | N_RIGHT)`` output whose two column blocks are tiled separately.
+
+    Returns the tile's row offsets, its column-tile index and the number of column tiles of the left block
+    (``pid_n < tiles_left``: a left-block tile, else tile ``pid_n - tiles_left`` of the right block).
+    """
+    tiles_left = tl.cdiv(N_LEFT, BLOCK_N)
+    num_pid_n = tiles_left + tl.cdiv(N_RIGHT, BLOCK_N)
+    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n, tiles_left
+
+
+@triton.jit
 def _store_tile(ptr, stride_m, stride_n, acc, offs_m, offs_n, M, N):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :] * stride_n
@@ -202,11 +215,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     """y (M, D_OUT + E_OUT) = [x0 W^T + r*(x1 W12^T) + b ; x0 W21^T + x1 W22^T + b_up]."""
-    pid = tl.program_id(0)
-    tiles_orig = tl.cdiv(D_OUT, BLOCK_N)
-    tiles_up = tl.cdiv(E_OUT, BLOCK_N)
-    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tiles_orig + tiles_up, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, pid_n, tiles_orig = _two_block_tile(tl.program_id(0), M, D_OUT, E_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     x1_ptr = x_ptr + D_IN * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if pid_n < tiles_orig:
@@ -252,11 +261,7 @@ def _backward_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     """dx (M, D_IN + E_IN) = [dy0 W + dy1 W21 ; r*(dy0 W12) + dy1 W22]; droute partials (tiles_up, M)."""
-    pid = tl.program_id(0)
-    tiles_orig = tl.cdiv(D_IN, BLOCK_N)
-    tiles_up = tl.cdiv(E_IN, BLOCK_N)
-    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tiles_orig + tiles_up, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, pid_n, tiles_orig = _two_block_tile(tl.program_id(0), M, D_IN, E_IN, BLOCK_M, BLOCK_N, GROUP_M)
     dy1_ptr = dy_ptr + D_OUT * stride_dyn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if pid_n < tiles_orig:
