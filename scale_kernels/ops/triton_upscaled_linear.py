@@ -53,28 +53,29 @@ def _configs(gpu: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
 
 
 # Token-major GEMMs (forward, dx): large M, modest N. Small-M configs serve decode-sized inputs.
-_MN_CONFIGS = _configs(
-    [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (16, 32, 128, 4, 4),  # decode: more, narrower column tiles keep every SM streaming weights
-        (16, 64, 128, 4, 4),
-        (16, 128, 128, 4, 3),
-    ]
-)
+MN_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (16, 32, 128, 4, 4),  # decode: more, narrower column tiles keep every SM streaming weights
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 3),
+]
 # Weight-gradient GEMMs: output is a weight block, K is the token dimension.
-_WEIGHT_CONFIGS = _configs(
-    [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 2),
-    ]
-)
+WEIGHT_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 2),
+]
+_MN_CONFIGS = _configs(MN_TILES)
+_WEIGHT_CONFIGS = _configs(WEIGHT_TILES)
+# droute partial sums are kept per block of DROUTE_COLS expansion columns, the smallest BLOCK_N of any config:
+# every config writes every row of the partial buffer, so no result depends on which configs the autotuner tried
+DROUTE_COLS = min(bn for _, bn, _, _, _ in MN_TILES)
 
 
 def deterministic() -> bool:
@@ -201,7 +202,11 @@ def _scale_rows(acc, route_ptr, offs_m, M):
 # forward
 
 
-@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"], prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_MN_CONFIGS,
+    key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "HAS_W12", "HAS_ROUTE", "HAS_BIAS", "HAS_BIAS_UP"],
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, w12_ptr, w21_ptr, w22_ptr, bias_ptr, bias_up_ptr, route_ptr, y_ptr,
@@ -247,7 +252,11 @@ def _forward_kernel(
 # backward: dx (and droute)
 
 
-@triton.autotune(configs=_MN_CONFIGS, key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT"], prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_MN_CONFIGS,
+    key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "HAS_W12", "HAS_ROUTE", "NEED_DROUTE"],
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, x_ptr, w_ptr, w12_ptr, w21_ptr, w22_ptr, route_ptr, dx_ptr, droute_part_ptr,
@@ -256,11 +265,15 @@ def _backward_input_kernel(
     stride_w_n, stride_w_k, stride_w12_n, stride_w12_k,
     stride_w21_n, stride_w21_k, stride_w22_n, stride_w22_k,
     stride_dxm, stride_dxk,
-    HAS_W12: tl.constexpr, HAS_ROUTE: tl.constexpr, NEED_DROUTE: tl.constexpr,
+    HAS_W12: tl.constexpr, HAS_ROUTE: tl.constexpr, NEED_DROUTE: tl.constexpr, DROUTE_COLS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
-    """dx (M, D_IN + E_IN) = [dy0 W + dy1 W21 ; r*(dy0 W12) + dy1 W22]; droute partials (tiles_up, M)."""
+    """dx (M, D_IN + E_IN) = [dy0 W + dy1 W21 ; r*(dy0 W12) + dy1 W22]; droute partials (cdiv(E_IN, DROUTE_COLS), M).
+
+    Partial row p holds ``sum_{c in block p} x1[m, c] * (dy0 W12)[m, c]`` over the p-th block of DROUTE_COLS
+    expansion columns. A tile of BLOCK_N columns writes its BLOCK_N // DROUTE_COLS rows, so every config writes
+    every row and the buffer never holds a stale value from another config."""
     offs_m, pid_n, tiles_orig = _two_block_tile(tl.program_id(0), M, D_IN, E_IN, BLOCK_M, BLOCK_N, GROUP_M)
     dy1_ptr = dy_ptr + D_OUT * stride_dyn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -285,8 +298,12 @@ def _backward_input_kernel(
                 x1_ptrs = (x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
                            + (D_IN + offs_n[None, :]) * stride_xk)  # fmt: skip
                 x1 = tl.load(x1_ptrs, mask=x1_mask, other=0.0).to(tl.float32)
-                part = tl.sum(x1 * g, axis=1)
-                tl.store(droute_part_ptr + tile_up.to(tl.int64) * M + offs_m, part, mask=offs_m < M)
+                SUB: tl.constexpr = BLOCK_N // DROUTE_COLS
+                part = tl.sum(tl.reshape(x1 * g, (BLOCK_M, SUB, DROUTE_COLS)), axis=2)
+                rows = tile_up * SUB + tl.arange(0, SUB)
+                part_ptrs = droute_part_ptr + rows[None, :].to(tl.int64) * M + offs_m[:, None]
+                n_parts = tl.cdiv(E_IN, DROUTE_COLS)
+                tl.store(part_ptrs, part, mask=(offs_m[:, None] < M) & (rows[None, :] < n_parts))
             if HAS_ROUTE:
                 g = _scale_rows(g, route_ptr, offs_m, M)
             acc += g
@@ -299,7 +316,7 @@ def _backward_input_kernel(
 
 @triton.autotune(
     configs=_WEIGHT_CONFIGS,
-    key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "COL_LO", "COL_HI"],
+    key=["M_BUCKET", "D_IN", "E_IN", "D_OUT", "E_OUT", "COL_LO", "COL_HI", "NEED_W12", "HAS_ROUTE"],
     prune_configs_by=_PRUNE,
 )
 @triton.jit
@@ -410,12 +427,11 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
     e_out, e_in = w22.shape
     dx = torch.empty(M, d_in + e_in, dtype=dy.dtype, device=dy.device)
     has_w12 = w12 is not None and e_in > 0
-    # partial droute sums: one row per expansion-column tile; sized for the smallest BLOCK_N of any config
-    # (rows past the tiles of a larger BLOCK_N stay zero). An empty W12 term (e_in == 0 or d_out == 0) has
-    # droute exactly 0, whatever x holds (x_up may be NaN: the reference never multiplies it).
-    min_block_n = min(c.kwargs["BLOCK_N"] for c in _MN_CONFIGS)
-    n_parts = triton.cdiv(e_in, min_block_n) if need_droute and has_w12 and d_out > 0 else 0
-    parts = torch.zeros(n_parts, M, dtype=torch.float32, device=dy.device)
+    # partial droute sums, one row per block of DROUTE_COLS expansion columns, each written by the kernel (see
+    # there). An empty W12 term (e_in == 0 or d_out == 0) has droute exactly 0, whatever x holds (x_up may be
+    # NaN: the reference never multiplies it).
+    n_parts = triton.cdiv(e_in, DROUTE_COLS) if need_droute and has_w12 and d_out > 0 else 0
+    parts = torch.empty(n_parts, M, dtype=torch.float32, device=dy.device)
     if M > 0 and d_in + e_in > 0:
         _backward_input_kernel[_mn_grid(M, d_in, e_in)](
             dy, _or(x, dy), w, _or(w12, w), w21, w22, _or(route, w), dx, parts,
@@ -423,10 +439,10 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
             dy.stride(0), dy.stride(1), *_stride(x),
             *_stride(w), *_stride(w12), *_stride(w21), *_stride(w22),
             dx.stride(0), dx.stride(1),
-            HAS_W12=has_w12, HAS_ROUTE=route is not None, NEED_DROUTE=n_parts > 0,
+            HAS_W12=has_w12, HAS_ROUTE=route is not None, NEED_DROUTE=n_parts > 0, DROUTE_COLS=DROUTE_COLS,
             **_common(dy.dtype),
         )  # fmt: skip
-    return dx, (parts.sum(dim=0) if need_droute else None)
+    return dx, (parts.sum(dim=0) if need_droute else None)  # no rows (empty W12 term): exactly 0
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
