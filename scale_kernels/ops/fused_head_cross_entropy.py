@@ -42,6 +42,8 @@ _WARPS = 32
 try:
     import triton
     import triton.language as tl
+
+    from .triton_rounding import FIX_BF16, round_to
 except ImportError:  # pragma: no cover - triton is a Linux dependency of the package
     triton = None
 
@@ -93,7 +95,7 @@ if triton is not None:
                 z = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
                 grad = tl.exp(z - lse) * scale
                 grad = tl.where(cols == label, grad - scale, grad)
-                tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+                tl.store(row_ptr + cols, round_to(grad, logits_ptr.dtype.element_ty, FIX_BF16), mask=cols < V)
 
 
 def block_v(vocab: int) -> int:
@@ -136,8 +138,7 @@ def cross_entropy_rows_torch(
     if need_grad:
         grad = torch.exp(z - lse[:, None]) * scale
         grad.scatter_add_(1, safe[:, None], (-scale).expand(labels.shape[0], 1).contiguous())
-        grad.mul_(keep[:, None])
-        logits.copy_(grad)
+        logits.copy_(torch.where(keep[:, None], grad, 0.0))
 
 
 _ROWS = {"torch": cross_entropy_rows_torch, "triton": cross_entropy_rows_triton}

@@ -36,6 +36,8 @@ _INTERPRET_BACKWARD_PROGRAMS = 3
 try:
     import triton
     import triton.language as tl
+
+    from .triton_rounding import FIX_BF16, round_to
 except ImportError:  # pragma: no cover - triton is a Linux dependency of the package
     triton = None
 
@@ -64,9 +66,9 @@ if triton is not None:
         ok = offs < N
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
-        n = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        n = round_to(x * rstd, y_ptr.dtype.element_ty, FIX_BF16).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_ptr + offs, round_to(w * n, y_ptr.dtype.element_ty, FIX_BF16), mask=ok)
         tl.store(rstd_ptr, rstd)
 
     @triton.jit
@@ -102,8 +104,8 @@ if triton is not None:
         n = x * rstd
         dn = dy * w
         dx = rstd * (dn - n * (tl.sum(dn * n, 0) / N))
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        return dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty, FIX_BF16), mask=ok)
+        return dy * round_to(n, x_ptr.dtype.element_ty, FIX_BF16).to(tl.float32)
 
     @triton.jit
     def _backward_kernel(
