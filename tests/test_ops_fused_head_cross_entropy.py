@@ -113,14 +113,17 @@ def test_low_precision_matches_reference(backend, dtype):
     assert got[1].dtype == dtype and got[2].dtype == dtype  # dx, dW_up in their inputs' dtype
 
 
+def fused_grads(case: dict, **kwargs) -> list[torch.Tensor]:
+    def fn(c):
+        return fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"], route=c["route"], **kwargs)
+
+    return grads_of(fn, case)[1]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 29, 1000])
 def test_chunking_does_not_change_the_result(chunk_size):
-    case = make_case(route="random")
-    one = grads_of(lambda c: fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"], route=c["route"],
-                                                         chunk_size=29), cast(case, torch.float32))[1]  # fmt: skip
-    other = grads_of(lambda c: fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"], route=c["route"],
-                                                           chunk_size=chunk_size), cast(case, torch.float32))[1]  # fmt: skip
-    for a, b in zip(one, other):
+    case = cast(make_case(route="random"), torch.float32)
+    for a, b in zip(fused_grads(case, chunk_size=29), fused_grads(case, chunk_size=chunk_size)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -135,12 +138,13 @@ def test_every_label_ignored_is_nan_with_zero_gradients_like_torch(backend):
 
 def test_upstream_gradient_scales_every_gradient():
     case = cast(make_case(route="soft"), torch.float64)
-    names, once = grads_of(lambda c: fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"],
-                                                                 route=c["route"]), case)  # fmt: skip
-    _, thrice = grads_of(lambda c: 3 * fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"],
-                                                                   route=c["route"]), case)  # fmt: skip
-    for name, a, b in zip(names, once, thrice):
-        torch.testing.assert_close(3 * a, b, msg=name)
+    once = fused_grads(case)
+
+    def thrice(c):
+        return 3 * fh.fused_head_cross_entropy(c["x"], c["w"], c["labels"], c["w_up"], route=c["route"])
+
+    for a, b in zip(once, grads_of(thrice, case)[1]):
+        torch.testing.assert_close(3 * a, b)
 
 
 def test_frozen_head_gets_no_gradient_and_is_untouched():
