@@ -180,9 +180,17 @@ def test_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path, monkey
         model = perturbed("llama")
         model.scale_fused_loss = fused
         args = TrainingArguments(
-            output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            max_steps=2, learning_rate=1e-1, optim="sgd", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=str(tmp_path / str(fused)),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-1,
+            optim="sgd",
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
         Trainer(model=model, args=args, train_dataset=data).train()
         final[fused] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert len(calls) == 4 and all(c is not None for c in calls)  # 2 steps x 2 micro-batches, HF's token count
