@@ -46,10 +46,10 @@ PRESETS = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
     ),
 }  # fmt: skip
-# +25% width (1B: 512 = 8 heads of 64 = 2 KV heads x group 4) and +12.5% (8B: 512 = 4 heads of 128 = 1 KV head)
+# +25% width (1B: 512 = 8 heads of 64 = 2 KV heads x group 4; 8B: 1024 = 8 heads of 128 = 2 KV heads x group 4)
 UPSCALE_PRESETS = {
     "llama-3.2-1b": dict(extra_hidden=512, extra_kv_heads=2, extra_intermediate=2048),
-    "llama-3.1-8b": dict(extra_hidden=512, extra_kv_heads=1, extra_intermediate=1792),
+    "llama-3.1-8b": dict(extra_hidden=1024, extra_kv_heads=2, extra_intermediate=3584),
 }
 
 
