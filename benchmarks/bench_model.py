@@ -26,6 +26,7 @@ from torch import nn
 
 import scale_kernels
 from scale_kernels.backends import record_backend
+from scale_kernels.models.liger import LIGER_OPS, apply_liger_kernels
 
 from . import cli
 from . import model_variants as mv
@@ -166,6 +167,7 @@ def bench_upscaled(
     timer: TimerConfig,
     predict: Callable[[str, dict], float | None] = lambda impl, case: None,
     handwritten: bool = True,
+    liger_ops: list[str] | None = None,
 ) -> list[dict]:
     """The hand-written upscaled model, then the same model on each package backend (swap undone).
 
@@ -203,6 +205,13 @@ def bench_upscaled(
     for backend in backends:
         impl = package_impl(backend)
         records += [bench_step(impl, model, batch, backend, case, device, timer, predict(impl, case)) for case in cases]
+    if liger_ops and backends:  # last: liger's RoPE patch is process-wide for the family
+        impl = package_impl(f"{backends[0]}+liger")
+        try:
+            apply_liger_kernels(model, liger_ops)
+        except (ImportError, ValueError) as exc:
+            return records + [_unmeasured(impl, case, f"skipped: {exc}") for case in cases]
+        records += [bench_step(impl, model, batch, backends[0], case, device, timer) for case in cases]
     return records
 
 
@@ -225,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="which models to run (upscaled = this package on each backend + the hand-written model)",
     )
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument(
+        "--liger",
+        nargs="+",
+        choices=LIGER_OPS,
+        default=None,
+        help="also measure the package model with liger-kernel's ops (scale_kernels[<backend>+liger]; needs the "
+        "'liger' extra, recorded as skipped without it)",
+    )
     parser.add_argument(
         "--shapes",
         nargs="+",
@@ -311,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"[bench_model] {shape} {variant}", file=sys.stderr, flush=True)
             if variant == "upscaled":
                 payload["records"] += bench_upscaled(
-                    spec, usable, batch, cases, device, dtype, timer, predict, handwritten=shape != "8b"
+                    spec, usable, batch, cases, device, dtype, timer, predict, shape != "8b", args.liger
                 )
             else:
                 payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer, predict)
