@@ -1,13 +1,17 @@
 """Model-level benchmark: tokens/s and peak memory of a continual-pre-training step.
 
-    python -m benchmarks.bench_model                # Llama-shaped ~1B (random weights) +25% width, CUDA, bf16
+    python -m benchmarks.bench_model                # Llama-1B and Llama-8B shapes (random weights), CUDA, bf16
     python -m benchmarks.bench_model --smoke        # tiny Llama config on CPU, each step once
 
-Variants, all in the same dtype with AdamW over their trainable parameters: ``full_ft`` (base model, every
-weight trains), ``lora`` (peft, r=16), ``handwritten_upscaled`` (the upscaled model with hand-written
-linears, see ``benchmarks/model_variants.py``) and ``scale_kernels[<backend>]`` (this package's upscaled
-model). One step = forward with the LM loss, backward, optimizer step, ``zero_grad(set_to_none=True)``;
-each with gradient checkpointing off and on.
+Shapes: ``1b`` (Llama-3.2-1B, +25% width, batch 4 x 2048, every variant, checkpointing off and on) and ``8b``
+(Llama-3.1-8B, +25% width, batch 1 x 4096, checkpointing on, full fine-tuning and this package only: full
+fine-tuning with AdamW needs more than 80 GB and is recorded as ``oom``). Variants, all under the same precision
+recipe (frozen weights in ``--dtype``, trainable weights as fp32 masters with fp32 AdamW state, autocast compute)
+with fused AdamW over their trainable parameters: ``full_ft`` (every weight trains), ``lora`` (peft, r=16),
+``handwritten_upscaled`` (the upscaled model in plain PyTorch, see ``benchmarks/model_variants.py``) and
+``scale_kernels[<backend>]`` (this package's upscaled model; ``auto`` = the dispatcher's choice). One step =
+forward with the LM loss, backward, optimizer step, ``zero_grad(set_to_none=True)``. Each record also carries
+the memory estimator's prediction (``predicted_peak_mb``, see ``scale_kernels.memory``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 import scale_kernels
 from scale_kernels.backends import record_backend
+from scale_kernels.models.liger import LIGER_OPS, apply_liger_kernels
 
 from . import cli
 from . import model_variants as mv
@@ -36,6 +41,10 @@ from .results import (
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
 
 VARIANTS = (mv.FULL_FT, mv.LORA_NAME, "upscaled")
+SHAPES = {  # name: (base config, upscale sizes, batch, seq, checkpointing settings, variants)
+    "1b": (mv.LLAMA_1B, mv.UPSCALE_1B, 4, 2048, None, None),
+    "8b": (mv.LLAMA_8B, mv.UPSCALE_8B, 1, 4096, ["on"], ["upscaled", mv.FULL_FT]),
+}
 LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -50,14 +59,28 @@ def _backend_ctx(backend: str | None) -> contextlib.AbstractContextManager:
     return scale_kernels.use_backend(backend) if backend else contextlib.nullcontext()
 
 
+def _policy_ctx(model: nn.Module, batch: dict) -> contextlib.AbstractContextManager:
+    """Autocast in the dtype of the model's frozen (or, for full fine-tuning, low-precision-less) weights."""
+    device = batch["input_ids"].device
+    dtypes = {p.dtype for p in model.parameters()}
+    low = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
+    if device.type == "cuda" and not low:  # full fine-tuning: fp32 masters, bf16 compute
+        low = [torch.bfloat16]
+    return torch.autocast(device.type, dtype=low[0]) if low else contextlib.nullcontext()
+
+
 def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callable[[], None]:
-    """One AdamW step of ``model`` on ``batch`` (LM loss), under ``use_backend(backend)`` when given."""
+    """One AdamW step of ``model`` on ``batch`` (LM loss) under autocast, under ``use_backend(backend)`` when
+    given. AdamW is the fused implementation on CUDA (no parameter-sized temporaries)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    fused = batch["input_ids"].device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
 
     def step() -> None:
         with _backend_ctx(backend):
-            model(**batch).loss.backward()
+            with _policy_ctx(model, batch):
+                loss = model(**batch).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -65,7 +88,7 @@ def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callabl
 
 
 def _loss(model: nn.Module, batch: dict, backend: str | None = None) -> float:
-    with torch.no_grad(), _backend_ctx(backend):
+    with torch.no_grad(), _backend_ctx(backend), _policy_ctx(model, batch):
         return float(model(**batch).loss)
 
 
@@ -77,12 +100,17 @@ def bench_step(
     case: dict,
     device: torch.device,
     timer: TimerConfig,
+    predicted_mb: float | None = None,
 ) -> dict:
-    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included).
+    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included), with the
+    estimator's ``predicted_mb`` when given.
 
-    For a package backend the record is an error unless that backend really ran (``last_backend``).
+    For a package backend the record is an error unless that backend really ran (``last_backend``); for
+    ``auto`` the backend that ran is recorded.
     """
     rec = {"case": case, "pass": "train_step", "impl": impl, **mv.parameter_counts(model)}
+    if predicted_mb is not None:
+        rec["predicted_peak_mb"] = predicted_mb
     free_memory(device)  # the previous step closure (optimizer state, grads) is gone: start clean
     try:
         mv.set_gradient_checkpointing(model, case["gradient_checkpointing"])
@@ -91,10 +119,14 @@ def bench_step(
         timing = measure(step, device, timer)
         peak = peak_memory_mb(step, device)
         synchronize(device)
-        if backend is not None and scale_kernels.last_backend() != backend:
+        if backend == "auto":
+            rec["backend_ran"] = scale_kernels.last_backend()
+        elif backend is not None and scale_kernels.last_backend() != backend:
             raise RuntimeError(f"asked for backend {backend!r} but {scale_kernels.last_backend()!r} ran")
         tokens = batch["input_ids"].numel()
         rec.update(timing_fields(timing, peak), tokens_per_s=tokens / (timing.median_ms * 1e-3))
+        if peak is not None and predicted_mb:
+            rec["measured_vs_predicted"] = peak / predicted_mb
     except Exception as exc:  # recorded, never turned into a number
         rec["status"] = failure_status(exc)
     return rec
@@ -107,10 +139,18 @@ def bench_variant(
     cases: list[dict],
     device: torch.device,
     timer: TimerConfig,
+    predict: Callable[[str, dict], float | None] = lambda impl, case: None,
 ) -> list[dict]:
-    """Build one baseline model and measure it in every case (the model is freed when this returns)."""
-    model = build()
-    return [bench_step(impl, model, batch, None, case, device, timer) for case in cases]
+    """Build one baseline model and measure it in every case (the model is freed when this returns). A build
+    that runs out of memory is recorded as ``oom`` for every case, never dropped."""
+    try:
+        model = build()
+    except Exception as exc:
+        status = failure_status(exc)
+        del exc
+        free_memory(device)
+        return [{**_unmeasured(impl, case, status), "predicted_peak_mb": predict(impl, case)} for case in cases]
+    return [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
 
 
 def _unmeasured(impl: str, case: dict, status: str) -> dict:
@@ -125,6 +165,9 @@ def bench_upscaled(
     device: torch.device,
     dtype: torch.dtype,
     timer: TimerConfig,
+    predict: Callable[[str, dict], float | None] = lambda impl, case: None,
+    handwritten: bool = True,
+    liger_ops: list[str] | None = None,
 ) -> list[dict]:
     """The hand-written upscaled model, then the same model on each package backend (swap undone).
 
@@ -138,20 +181,37 @@ def bench_upscaled(
     if spec.mode == "route":
         ids = batch["input_ids"]
         batch = {**batch, "scale_route": mv.route_mask(ids.shape[0], ids.shape[1], device)}
-    model = mv.build_upscaled(spec, device, dtype)
+    try:
+        model = mv.build_upscaled(spec, device, dtype)
+    except Exception as exc:
+        status = failure_status(exc)
+        del exc
+        free_memory(device)
+        return [_unmeasured(impl, case, status) for case in cases for impl in impls]
     model.eval()
     mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
-    loss_pkg = _loss(model, batch, backends[0] if backends else None)
-    mv.swap_to_handwritten(model)
-    loss_hw = _loss(model, batch)
-    if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
-        records = [bench_step(mv.HANDWRITTEN_UPSCALED, model, batch, None, case, device, timer) for case in cases]
-    else:
-        status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
-        records = [_unmeasured(mv.HANDWRITTEN_UPSCALED, case, status) for case in cases]
-    mv.restore_forward(model)
+    records = []
+    if handwritten:
+        loss_pkg = _loss(model, batch, backends[0] if backends else None)
+        mv.swap_to_handwritten(model)
+        loss_hw = _loss(model, batch)
+        impl = mv.HANDWRITTEN_UPSCALED
+        if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
+            records = [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
+        else:
+            status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
+            records = [_unmeasured(impl, case, status) for case in cases]
+        mv.restore_forward(model)
     for backend in backends:
-        records += [bench_step(package_impl(backend), model, batch, backend, case, device, timer) for case in cases]
+        impl = package_impl(backend)
+        records += [bench_step(impl, model, batch, backend, case, device, timer, predict(impl, case)) for case in cases]
+    if liger_ops and backends:  # last: liger's RoPE patch is process-wide for the family
+        impl = package_impl(f"{backends[0]}+liger")
+        try:
+            apply_liger_kernels(model, liger_ops)
+        except (ImportError, ValueError) as exc:
+            return records + [_unmeasured(impl, case, f"skipped: {exc}") for case in cases]
+        records += [bench_step(impl, model, batch, backends[0], case, device, timer) for case in cases]
     return records
 
 
@@ -174,7 +234,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="which models to run (upscaled = this package on each backend + the hand-written model)",
     )
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument(
+        "--liger",
+        nargs="+",
+        choices=LIGER_OPS,
+        default=None,
+        help="also measure the package model with liger-kernel's ops (scale_kernels[<backend>+liger]; needs the "
+        "'liger' extra, recorded as skipped without it)",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=None,
+        help="model shapes (default: 1b and 8b on CUDA; --smoke: a tiny config). 8b: batch 1 x 4096, checkpointing "
+        "on, upscaled + full_ft only (--batch-size/--seq-len/--checkpointing/--variants apply to 1b)",
+    )
     return parser
+
+
+def _package_backends(device: torch.device, dtype: torch.dtype, requested: list[str] | None) -> dict[str, str | None]:
+    """Requested package backends (default ``auto``, the dispatcher's choice) mapped to None or why not usable."""
+    requested = requested or ["auto"]
+    named = [b for b in requested if b != "auto"]
+    reasons = usable_backends(device, dtype, named) if named else {}
+    return {b: None if b == "auto" else reasons[b] for b in requested}
+
+
+def _predictor(spec: mv.ModelSpec, dtype: torch.dtype) -> Callable[[str, dict], float | None]:
+    memo: dict[tuple, float | None] = {}
+
+    def predict(impl: str, case: dict) -> float | None:
+        key = (mv.METHOD_OF.get(impl, "scale"), case["gradient_checkpointing"], case["batch_size"], case["seq_len"])
+        if key not in memo:
+            memo[key] = mv.predicted_peak_mb(spec, impl, dtype, case)
+        return memo[key]
+
+    return predict
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -182,50 +278,61 @@ def run(args: argparse.Namespace) -> dict:
     device, dtype = cli.resolve_device(args), cli.resolve_dtype(args)
     args.no_do_bench = True  # a step is long and stateful: CUDA events with a fixed count of steps
     timer = cli.resolve_timer(args, warmup=3, iters=10)
-    spec = mv.ModelSpec(
-        mv.SMOKE_LLAMA if args.smoke else mv.LLAMA_1B,
-        mv.SMOKE_UPSCALE if args.smoke else mv.UPSCALE_1B,
-        args.mode,
-    )
-    batch_size = args.batch_size or (2 if args.smoke else 4)
-    seq_len = args.seq_len or (16 if args.smoke else 2048)
-    variants = args.variants or list(VARIANTS)
-    backends = usable_backends(device, dtype, args.backends)
+    shapes = ["smoke"] if args.smoke else (args.shapes or ["1b", "8b"])
+    backends = _package_backends(device, dtype, args.backends)
     usable = [b for b, reason in backends.items() if reason is None]
+    policy = mv.precision_policy(dtype)
     settings = {
         "dtype": str(dtype).removeprefix("torch."),
-        "base_config": spec.base,
-        "upscale": spec.upscale,
-        "mode": spec.mode,
+        "precision": {
+            "frozen": str(policy.frozen_dtype).removeprefix("torch."),
+            "trainable": str(policy.trainable_dtype).removeprefix("torch."),
+            "compute": str(policy.autocast_dtype).removeprefix("torch."),
+            "full_ft": "every weight is an fp32 master (it trains)",
+        },
+        "shapes": {},
+        "mode": args.mode,
         "lora": mv.LORA,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "optimizer": "AdamW(lr=1e-5)",
+        "optimizer": f"AdamW(lr=1e-5{', fused=True' if device.type == 'cuda' else ''}), state in fp32",
         "skipped_backends": {b: r for b, r in backends.items() if r},
         **cli.timer_settings(timer, device),
     }
     payload = new_results("model", args.smoke, device, settings)
-    batch = make_batch(spec.base["vocab_size"], batch_size, seq_len, device)
-    cases = [
-        {
-            "gradient_checkpointing": ckpt == "on",
+    for shape in shapes:
+        if shape == "smoke":
+            base, upscale, batch_size, seq_len, ckpts, variants = mv.SMOKE_LLAMA, mv.SMOKE_UPSCALE, 2, 16, None, None
+        else:
+            base, upscale, batch_size, seq_len, ckpts, variants = SHAPES[shape]
+        if ckpts is None:  # the 1b (and smoke) shape follows the command line
+            batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
+            ckpts, variants = args.checkpointing, args.variants or list(VARIANTS)
+        spec = mv.ModelSpec(base, upscale, args.mode)
+        settings["shapes"][shape] = {
+            "base_config": base,
+            "upscale": upscale,
             "batch_size": batch_size,
             "seq_len": seq_len,
-            "mode": spec.mode,
         }
-        for ckpt in args.checkpointing
-    ]
-    builders = {
-        mv.FULL_FT: lambda: mv.build_base(spec, device, dtype),
-        mv.LORA_NAME: lambda: mv.build_lora(spec, device, dtype),
-    }
-    for variant in variants:
-        print(f"[bench_model] {variant}", file=sys.stderr, flush=True)
-        if variant == "upscaled":
-            payload["records"] += bench_upscaled(spec, usable, batch, cases, device, dtype, timer)
-        else:
-            payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer)
-        free_memory(device)
+        batch = make_batch(base["vocab_size"], batch_size, seq_len, device)
+        cases = [
+            {"shape": shape, "gradient_checkpointing": c == "on", "batch_size": batch_size, "seq_len": seq_len,
+             "mode": spec.mode}
+            for c in ckpts
+        ]  # fmt: skip
+        predict = _predictor(spec, dtype)
+        builders = {
+            mv.FULL_FT: lambda spec=spec: mv.build_full_ft(spec, device, dtype),
+            mv.LORA_NAME: lambda spec=spec: mv.build_lora(spec, device, dtype),
+        }
+        for variant in variants:
+            print(f"[bench_model] {shape} {variant}", file=sys.stderr, flush=True)
+            if variant == "upscaled":
+                payload["records"] += bench_upscaled(
+                    spec, usable, batch, cases, device, dtype, timer, predict, shape != "8b", args.liger
+                )
+            else:
+                payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer, predict)
+            free_memory(device)
     return finalize(payload)
 
 

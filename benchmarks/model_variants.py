@@ -2,13 +2,18 @@
 the variants trained on it: full fine-tuning, LoRA (peft), the hand-written upscaled model and this package.
 
 The upscaled models come from ``scale_kernels.upscale_model``. The hand-written upscaled model is the same
-upscaled model with every ``ScaleLinear.forward`` rebound to :func:`handwritten_scale_linear_forward`
-(4 ``F.linear`` + route multiply + ``cat`` under plain autograd): only the linear layers differ, the split
-RMSNorm, embeddings and head are the package's in both.
+upscaled model computed in plain PyTorch: every ``ScaleLinear.forward`` rebound to
+:func:`handwritten_scale_linear_forward` (4 ``F.linear`` + route multiply + ``cat`` under plain autograd), the
+split RMSNorm on its PyTorch path and the loss on materialised logits (the fused head switched off).
+
+Every variant follows the same precision recipe (:class:`scale_kernels.precision.PrecisionPolicy`): frozen
+weights in the benchmark dtype, trainable weights as fp32 masters (full fine-tuning: all of them), compute
+under autocast. Models are built directly on the benchmark device, in their final dtypes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass
 
@@ -16,6 +21,8 @@ import torch
 from torch import nn
 
 import scale_kernels
+from scale_kernels.memory import UPSCALE_PRESETS, estimate_training_memory
+from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
 
 from .baselines import handwritten_upscaled_linear
 
@@ -34,8 +41,15 @@ LLAMA_1B = dict(
     tie_word_embeddings=True,
     use_cache=False,
 )
-# +25% width: 512 more hidden channels = 8 query heads of 64 (2 KV heads x GQA group 4), FFN 8192 -> 10240.
-UPSCALE_1B = dict(extra_hidden=512, extra_heads=8, extra_kv_heads=2, extra_intermediate=2048)
+# Llama-3.1-8B's shape (random weights, untied head): ~8.0B parameters.
+LLAMA_8B = {
+    **LLAMA_1B,
+    **dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128, tie_word_embeddings=False),
+}
+# +25% width. 1B: 512 more hidden channels = 8 query heads of 64 (2 KV heads x GQA group 4), FFN 8192 -> 10240.
+# 8B: 1024 = 8 query heads of 128 (2 KV heads), FFN 14336 -> 17920.
+UPSCALE_1B = dict(UPSCALE_PRESETS["llama-3.2-1b"])
+UPSCALE_8B = dict(UPSCALE_PRESETS["llama-3.1-8b"])
 SMOKE_LLAMA = {
     **LLAMA_1B,
     **dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2),
@@ -56,14 +70,35 @@ class ModelSpec:
     mode: str = "preserve"
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` of ``spec.base`` on ``device`` in ``dtype``."""
+    """A randomly initialised ``LlamaForCausalLM`` of ``spec.base``, created on ``device`` in ``dtype`` (no CPU
+    copy, no second copy in another dtype)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(LlamaConfig(**spec.base))
     return model.to(dtype)
+
+
+def precision_policy(dtype: torch.dtype) -> PrecisionPolicy:
+    """The recipe of every variant: frozen weights in ``dtype``, fp32 masters, ``dtype`` compute."""
+    return PrecisionPolicy(frozen_dtype=dtype, trainable_dtype=torch.float32, compute_dtype=dtype)
+
+
+def build_full_ft(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Full fine-tuning under the recipe: every weight trains, so every weight is an fp32 master."""
+    return build_base(spec, device, precision_policy(dtype).trainable_dtype)
 
 
 def upscale_unavailable_reason() -> str | None:
@@ -73,25 +108,46 @@ def upscale_unavailable_reason() -> str | None:
     return None
 
 
-def build_upscaled(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``scale_kernels.upscale_model`` applied to a fresh base model (every pretrained weight frozen)."""
+@torch.no_grad()
+def build_upscaled(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """``scale_kernels.upscale_model`` applied to a fresh base model (every pretrained weight frozen), under the
+    precision recipe. W21/W22/E_up are drawn N(0, 0.02^2) on ``device`` (the package's ``init="random"`` draws on
+    the CPU, slow for billions of parameters); W12 and W_head_up stay zero, as upscale_model leaves them."""
     model = build_base(spec, device, dtype)
-    upscaled = scale_kernels.upscale_model(
-        model,
-        spec.upscale["extra_hidden"],
-        extra_heads=spec.upscale["extra_heads"],
-        extra_kv_heads=spec.upscale["extra_kv_heads"],
-        extra_intermediate=spec.upscale["extra_intermediate"],
-        mode=spec.mode,
-    )
-    return (upscaled if isinstance(upscaled, nn.Module) else model).to(device=device, dtype=dtype)
+    scale_kernels.upscale_model(model, **spec.upscale, mode=spec.mode, init="zeros")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("weight_21", "weight_22") or name.endswith("embed_tokens.weight_up"):
+            p.normal_(0.0, 0.02, generator=gen)
+    apply_precision_policy(model, precision_policy(dtype))
+    return model
 
 
 def build_lora(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """peft LoRA (``LORA`` settings: r=16, alpha=32, every linear but the head) on a fresh base model."""
+    """peft LoRA (``LORA`` settings: r=16, alpha=32, every linear but the head) on a fresh base model, adapters
+    as fp32 masters."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(build_base(spec, device, dtype), LoraConfig(**LORA)).to(dtype)
+    model = get_peft_model(build_base(spec, device, dtype), LoraConfig(**LORA))
+    apply_precision_policy(model, precision_policy(dtype))
+    return model
+
+
+METHOD_OF = {FULL_FT: "full_ft", LORA_NAME: "lora", HANDWRITTEN_UPSCALED: "handwritten"}
+
+
+def predicted_peak_mb(spec: ModelSpec, impl: str, dtype: torch.dtype, case: dict) -> float | None:
+    """The memory estimator's peak (MiB) for ``impl`` in ``case`` (None if it cannot say)."""
+    method = METHOD_OF.get(impl, "scale")
+    try:
+        est = estimate_training_memory(
+            {"model_type": "llama", **spec.base}, method, batch_size=case["batch_size"], seq_len=case["seq_len"],
+            gradient_checkpointing=case["gradient_checkpointing"], upscale=spec.upscale,
+            lora_r=LORA["r"], policy=precision_policy(dtype),
+        )  # fmt: skip
+    except Exception:  # an estimate is a comparison aid: its failure must not lose a measurement
+        return None
+    return est.peak / 2**20
 
 
 def handwritten_scale_linear_forward(
@@ -119,8 +175,11 @@ def swap_to_handwritten(model: nn.Module) -> int:
         if isinstance(module, scale_kernels.ScaleLinear):
             module.forward = types.MethodType(handwritten_scale_linear_forward, module)
             count += 1
+        elif isinstance(module, scale_kernels.ScaleRMSNorm):
+            module.backend = "torch"
     if count == 0:
         raise RuntimeError("swap_to_handwritten: the model has no ScaleLinear layer to swap")
+    model.scale_fused_loss = False
     return count
 
 
@@ -131,6 +190,10 @@ def restore_forward(model: nn.Module) -> int:
         if isinstance(module, scale_kernels.ScaleLinear) and "forward" in vars(module):
             del module.forward
             count += 1
+        elif isinstance(module, scale_kernels.ScaleRMSNorm):
+            module.backend = None
+    if count:
+        model.scale_fused_loss = True
     return count
 
 

@@ -7,10 +7,10 @@ import json
 from .results import is_package
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def _fmt(value: float | str | None, digits: int = 3) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.{digits}g}"
+    return value if isinstance(value, str) else f"{value:.{digits}g}"
 
 
 def _case_label(case: dict | None) -> str:
@@ -19,7 +19,8 @@ def _case_label(case: dict | None) -> str:
     if "tokens" in case:
         return f"{case['mode']} T={case['tokens']} d={case['d']} e={case['e']}"
     ckpt = "ckpt on" if case.get("gradient_checkpointing") else "ckpt off"
-    return f"{case.get('mode', '')} B={case.get('batch_size')} S={case.get('seq_len')} {ckpt}".strip()
+    shape = f"{case['shape']} " if "shape" in case else ""
+    return f"{shape}{case.get('mode', '')} B={case.get('batch_size')} S={case.get('seq_len')} {ckpt}".strip()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

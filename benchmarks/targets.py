@@ -2,8 +2,10 @@
 
 Targets are defined for an H100 in bf16; ``on_target_hardware`` records whether the run was one. A target
 whose case or implementation is missing from the results is reported as ``not evaluated`` (never as met).
-Fused implementations are the package's ``triton`` and ``cuda`` backends (the ``torch`` backend is the
-unfused fallback and is not held to these targets).
+Fused implementations are the package's ``triton`` and ``cuda`` backends and ``auto`` (the dispatcher's choice;
+the ``torch`` backend is the unfused fallback and is not held to these targets). The model targets are issue
+13's: Llama-1B shape tokens/s vs the hand-written upscaled model and vs full fine-tuning, peak memory vs full
+fine-tuning (same precision recipe), and the Llama-8B shape training on one 80 GB GPU (a status target).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from .cases import DECODE_MAX_TOKENS
 from .results import impl_backend
 
-FUSED_BACKENDS = ("triton", "cuda")
+FUSED_BACKENDS = ("triton", "cuda", "auto")  # auto: the dispatcher's choice on the target hardware
 TARGET_D, TARGET_E, TARGET_PREFILL_T = 4096, 1024, 16384
 _OPS = {">=": operator.ge, "<=": operator.le}
 
@@ -37,6 +39,11 @@ class Target:
 
 def _prefill_target_shape(case: dict) -> bool:
     return (case.get("tokens"), case.get("d"), case.get("e")) == (TARGET_PREFILL_T, TARGET_D, TARGET_E)
+
+
+def _model_1b_shape(case: dict) -> bool:
+    """The model targets' case: the Llama-1B shape (smoke runs: the tiny shape, flagged not on target hardware)."""
+    return case.get("shape", "1b") in ("1b", "smoke")
 
 
 def _decode_target_shape(case: dict) -> bool:
@@ -94,26 +101,39 @@ TARGETS = (
     Target(
         "model_tokens_vs_handwritten",
         "model",
-        "model train step tokens/s >= 1.3x the hand-written upscaled model",
+        "model train step tokens/s >= 1.3x the hand-written upscaled model (Llama-1B shape, 4 x 2048)",
         "train_step",
         "handwritten_upscaled",
         "speedup",
         ">=",
         1.3,
-        lambda case: True,
+        _model_1b_shape,
+    ),
+    Target(
+        "model_tokens_vs_full_ft",
+        "model",
+        "model train step tokens/s >= 1.0x full fine-tuning (Llama-1B shape, 4 x 2048, same recipe)",
+        "train_step",
+        "full_ft",
+        "throughput_ratio",
+        ">=",
+        1.0,
+        _model_1b_shape,
     ),
     Target(
         "model_memory_vs_full_ft",
         "model",
-        "model train step peak memory <= 0.6x full fine-tuning",
+        "model train step peak memory <= 0.6x full fine-tuning (Llama-1B shape, same recipe)",
         "train_step",
         "full_ft",
         "mem_ratio",
         "<=",
         0.6,
-        lambda case: True,
+        _model_1b_shape,
     ),
 )
+# status targets: a fused implementation's record of this shape is ok (it trained) where the baseline's is not
+MODEL_8B_TARGET = ("model_8b_trains", "Llama-8B shape (1 x 4096): scale_kernels trains on one 80 GB GPU", "8b")
 
 
 def on_target_hardware(payload: dict) -> bool:
@@ -176,9 +196,28 @@ def evaluate_target(target: Target, payload: dict) -> list[dict]:
     return rows
 
 
+def evaluate_trains(payload: dict) -> list[dict]:
+    """The 8B target: met when a fused implementation's 8B record has status ok, not met when it failed, not
+    evaluated when the shape was not run. The full-FT record's status (``oom`` expected) is reported alongside."""
+    target_id, description, shape = MODEL_8B_TARGET
+    recs = [r for r in payload["records"] if r["case"].get("shape") == shape]
+    pkg = [r for r in recs if _fused(r["impl"])]
+    row = {"id": target_id, "description": description, "metric": "status", "op": "==", "threshold": "ok"}
+    row.update(impl=None, case=None, value=None, on_target_hardware=on_target_hardware(payload))
+    if not pkg:
+        return [{**row, "status": "not evaluated", "reason": f"no {shape} record of a fused backend in these results"}]
+    full = [r["status"] for r in recs if r["impl"] == "full_ft"]
+    return [
+        {**row, "status": "met" if r["status"] == "ok" else "not met", "impl": r["impl"], "case": r["case"],
+         "value": r["status"], "reason": f"full_ft: {full[0] if full else 'not run'}"}
+        for r in pkg
+    ]  # fmt: skip
+
+
 def evaluate(payload: dict) -> list[dict]:
     """All targets of ``payload["kind"]`` evaluated on its comparisons."""
-    return [row for t in TARGETS if t.kind == payload["kind"] for row in evaluate_target(t, payload)]
+    rows = [row for t in TARGETS if t.kind == payload["kind"] for row in evaluate_target(t, payload)]
+    return rows + (evaluate_trains(payload) if payload["kind"] == "model" else [])
 
 
 def summary(rows: list[dict]) -> dict[str, str]:

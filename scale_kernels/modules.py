@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from .functional import upscaled_linear
+from .ops import split_rms_norm as _split_norm
+from .ops.fused_head_cross_entropy import fused_head_cross_entropy
+from .ops.selection import triton_or_torch
 
 Tensor = torch.Tensor
 
@@ -271,12 +274,30 @@ class ScaleLinear(nn.Module):
         )
 
 
+@dataclass
+class HeadLossRequest:
+    """A causal-LM loss for :class:`ScaleLMHead` to compute (fused) at its next forward, instead of logits.
+
+    Fields are HF's ``ForCausalLMLoss`` arguments; ``loss`` is filled in by the head.
+    """
+
+    labels: Tensor | None
+    shift_labels: Tensor | None = None
+    ignore_index: int = -100
+    num_items_in_batch: Tensor | int | None = None
+    loss: Tensor | None = None
+
+
 class ScaleLMHead(ScaleLinear):
     """Expanded LM head: ``logits = W_head h + W_head_up h_up`` (``e_out = 0``).
 
     ``W_head_up`` is stored as ``weight_12 (vocab, e)``, zero-initialised and trainable in every mode (it
     is how the expansion reaches the output, SCALE-Preserve included). The route mask never gates it; only
     :func:`scale_kernels.original_stream` switches it off. ``weight`` may be the (tied) input embedding.
+
+    :meth:`causal_lm_loss` computes HF's causal-LM loss of the head's logits with the fused head +
+    cross-entropy (logits never materialised). An upscaled model uses it automatically in training (see
+    :mod:`scale_kernels.models.fused_loss`) by setting :attr:`pending_loss` before its forward.
     """
 
     routable = False
@@ -299,6 +320,77 @@ class ScaleLMHead(ScaleLinear):
     def _has_w12(self) -> bool:
         return True
 
+    pending_loss: HeadLossRequest | None = None
+
+    def forward(self, x: Tensor, route: Tensor | None = None) -> Tensor:
+        """``(..., in_features + extra_in) -> (..., vocab)`` logits; with a :attr:`pending_loss` request, its fused
+        loss is computed instead (stored in the request) and an empty ``(..., 0)`` placeholder is returned."""
+        request = self.pending_loss
+        if request is None:
+            return super().forward(x, route)
+        self.pending_loss = None
+        request.loss = self.causal_lm_loss(
+            x,
+            request.labels,
+            shift_labels=request.shift_labels,
+            ignore_index=request.ignore_index,
+            num_items_in_batch=request.num_items_in_batch,
+        )
+        return x.new_empty(*x.shape[:-1], 0)
+
+    def causal_lm_loss(
+        self,
+        hidden: Tensor,
+        labels: Tensor | None = None,
+        *,
+        shift_labels: Tensor | None = None,
+        ignore_index: int = -100,
+        num_items_in_batch: Tensor | int | None = None,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """HF's ``ForCausalLMLoss`` of this head's logits on ``hidden (..., in_features + extra_in)``, fused.
+
+        Exactly HF's contract: ``labels (...)`` are shifted by one (``labels[..., t + 1]`` is the target of
+        position ``t``; the last position is ignored) unless ``shift_labels`` (already aligned) is given; tokens
+        equal to ``ignore_index`` do not count; the loss is the mean over the counted tokens, or their sum divided
+        by ``num_items_in_batch`` when given (gradient accumulation). ``W_head_up`` and its route come from
+        ``_w12_and_route`` (so ``original_stream`` and model-level route gating apply as in :meth:`forward`).
+        """
+        if shift_labels is None:
+            if labels is None:
+                raise ValueError("causal_lm_loss needs labels or shift_labels")
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        tokens = hidden.shape[:-1]
+        if tuple(shift_labels.shape) != tuple(tokens):
+            raise ValueError(
+                f"labels must have the hidden states' token shape {tuple(tokens)}, got {tuple(shift_labels.shape)}"
+            )
+        w_up, route = self._w12_and_route(None)
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if w_up is None:  # original stream: h_up does not reach the logits
+            x = x[:, : self.in_features]
+        if route is not None:
+            if tuple(route.shape) != tuple(tokens):
+                raise ValueError(f"route must have the token shape {tuple(tokens)}, got {tuple(route.shape)}")
+            route = route.reshape(-1)
+        loss = fused_head_cross_entropy(
+            x,
+            self.weight,
+            shift_labels.reshape(-1).to(x.device),
+            w_up,
+            self.bias,
+            route,
+            ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            chunk_size=chunk_size,
+            backend=self.backend,
+        )
+        if num_items_in_batch is not None:
+            if isinstance(num_items_in_batch, Tensor):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
     @classmethod
     def from_head(cls, linear: nn.Linear, extra_in: int) -> ScaleLMHead:
         """Wrap a pretrained head (``weight`` reused, so a tied embedding stays tied); ``W_head_up = 0``."""
@@ -308,28 +400,18 @@ class ScaleLMHead(ScaleLinear):
         return f"in_features={self.in_features}+{self.extra_in}, vocab={self.out_features}, head_up=trainable"
 
 
-def rms_normalize(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama/Qwen2/Mistral RMSNorm: ``weight * (x / sqrt(mean(x^2) + eps))`` computed in fp32."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def split_rms_normalize(x: Tensor, w: Tensor, w_up: Tensor, eps: float) -> Tensor:
-    """RMSNorm of ``[x0 ; x1]`` with each slice normalised by its own statistics (widths from the weights)."""
-    if w_up.numel() == 0:
-        return rms_normalize(x, w, eps)
-    x0, x1 = x.split([w.numel(), w_up.numel()], dim=-1)
-    return torch.cat([rms_normalize(x0, w, eps), rms_normalize(x1, w_up, eps)], dim=-1)
-
-
 class ScaleRMSNorm(nn.Module):
     """Split RMSNorm over ``[h ; h_up]`` (``(..., hidden + extra)``, same shape out).
 
     The original slice is normalised with its own statistics and the frozen ``weight`` (identical to the
     pretrained norm); the expansion slice separately, with the trainable ``weight_up`` (init ones).
-    ``extra = 0`` is allowed and then behaves exactly like the original RMSNorm.
+    ``extra = 0`` is allowed and then behaves exactly like the original RMSNorm. The output has the input's
+    dtype (the stream dtype), whatever the weights' dtypes (e.g. an fp32 master ``weight_up``).
+
+    Forward path: the one-launch Triton kernel (:mod:`scale_kernels.ops.split_rms_norm`) where the package
+    dispatcher picks ``triton`` (CUDA tensors by default; ``self.backend`` or ``use_backend`` override it), else
+    plain PyTorch. The kernel never computes a gradient for ``weight``; if ``weight`` is made trainable the
+    PyTorch path runs so that it gets one.
     """
 
     def __init__(
@@ -341,6 +423,7 @@ class ScaleRMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype), requires_grad=False)
         self.weight_up = nn.Parameter(torch.ones(extra, device=device, dtype=dtype))
+        self.backend: str | None = None
 
     @classmethod
     def from_norm(cls, norm: nn.Module, extra: int) -> ScaleRMSNorm:
@@ -364,7 +447,16 @@ class ScaleRMSNorm(nn.Module):
                 f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), "
                 f"got {tuple(x.shape)}"
             )
-        return split_rms_normalize(x, self.weight, self.weight_up, self.variance_epsilon)
+        if self.uses_kernel(x):
+            return _split_norm.split_rms_norm(x, self.weight, self.weight_up, self.variance_epsilon)
+        return _split_norm.split_rms_norm_torch(x, self.weight, self.weight_up, self.variance_epsilon)
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` on ``x`` runs the fused Triton kernel (else the PyTorch path)."""
+        if self.weight.requires_grad or triton_or_torch(self.backend, x.device, x.dtype) != "triton":
+            return False
+        width = max(self.hidden_size, self.extra)
+        return _split_norm.unavailable_reason(x.device, x.dtype, width) is None
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}+{self.extra}, eps={self.variance_epsilon}"
@@ -383,7 +475,7 @@ class GroupedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w, w_up = self.weight.split([self.hidden_size, self.extra])
-        return split_rms_normalize(x, w, w_up, self.variance_epsilon)
+        return _split_norm.split_rms_norm_torch(x, w, w_up, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"groups=({self.hidden_size}, {self.extra}), eps={self.variance_epsilon}"
@@ -444,9 +536,11 @@ class ScaleEmbedding(nn.Module):
         return module
 
     def forward(self, ids: Tensor) -> Tensor:
+        """``(...)`` ids -> ``(..., embedding_dim + extra)`` in the frozen table's dtype (the stream dtype: an fp32
+        master ``weight_up`` is cast, differentiably, so it still gets an fp32 gradient)."""
         emb = nn.functional.embedding(ids, self.weight, self.padding_idx)
         up = nn.functional.embedding(ids, self.weight_up, self.padding_idx)
-        return torch.cat([emb, up], dim=-1)
+        return torch.cat([emb, up.to(emb.dtype)], dim=-1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}+{self.extra}, padding_idx={self.padding_idx}"

@@ -498,3 +498,31 @@ def test_run_all_goes_on_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks.plot", None)  # makes `from . import plot` raise ImportError
     assert run_all._plot(tmp_path / "layer.json") == []
     assert "no plots" in capsys.readouterr().err
+
+
+def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
+    """Issue 13: scale_kernels[auto], the memory estimator's prediction per record, the 8B status target."""
+    out = tmp_path / "model.json"
+    argv = ["--smoke", "--out", str(out), "--variants", "full_ft", "upscaled", "--checkpointing", "on"]
+    assert bench_model.main(argv) == 0
+    payload = load_json(out)
+    recs = {r["impl"]: r for r in payload["records"]}
+    assert recs["scale_kernels[auto]"]["status"] == "ok" and recs["scale_kernels[auto]"]["backend_ran"] == "torch"
+    assert all(r["predicted_peak_mb"] > 0 for r in recs.values())
+    ids = {t["id"]: t for t in payload["targets"]}
+    assert ids["model_tokens_vs_full_ft"]["status"] in ("met", "not met")
+    assert ids["model_8b_trains"]["status"] == "not evaluated"
+
+
+def test_model_8b_status_target():
+    def payload(pkg_status):
+        case = {"shape": "8b", "gradient_checkpointing": True, "batch_size": 1, "seq_len": 4096}
+        records = [
+            {"case": case, "pass": "train_step", "impl": "full_ft", "status": "oom"},
+            {"case": case, "pass": "train_step", "impl": "scale_kernels[auto]", "status": pkg_status},
+        ]
+        return {"kind": "model", "records": records, "env": {"device_name": "NVIDIA H100"}, "settings": {}}
+
+    (met,) = targets.evaluate_trains(payload("ok"))
+    assert met["status"] == "met" and met["reason"] == "full_ft: oom"
+    assert targets.evaluate_trains(payload("oom"))[0]["status"] == "not met"

@@ -42,6 +42,7 @@ from ..modules import (
     check_size,
 )
 from ..route import install_route_hook
+from .fused_loss import install_fused_loss
 
 logger = logging.getLogger("scale_kernels")
 
@@ -351,6 +352,7 @@ def upscale_model(
     adapt_modules: Iterable[str] | str | None = None,
     init: str = "random",
     seed: int | None = None,
+    fused_loss: bool = True,
 ) -> nn.Module:
     """Width-upscale a HF causal LM in place (SCALE) and return it.
 
@@ -369,10 +371,16 @@ def upscale_model(
         init: ``W21``/``W22``/``E_up`` initialisation: ``"random"`` (N(0, initializer_range^2)), ``"svd"``
             (principal directions of the frozen weights) or ``"zeros"``. W12 and ``W_head_up`` are always 0.
         seed: seed for the random/svd initialisation (None: the global torch RNG).
+        fused_loss: in training mode, ``model(ids, labels=...)`` computes its loss with the fused LM head +
+            cross-entropy (logits never materialised; the output's ``logits`` is None). Per-model switch:
+            ``model.scale_fused_loss``. See :mod:`scale_kernels.models.fused_loss`. Needs ``extra_hidden > 0``
+            (the head is a ``ScaleLMHead``); otherwise the model's own loss runs.
 
     Every original parameter ends with ``requires_grad=False``; only expansion parameters train. A fresh
     model of any mode reproduces the base model's logits exactly (up to fp rounding).
     """
+    if not isinstance(fused_loss, bool):
+        raise TypeError(f"fused_loss must be a bool, got {fused_loss!r}")
     cfg = resolve_upscale_config(
         model, extra_hidden, extra_heads, extra_kv_heads, extra_intermediate, mode, adapt_layers,
         adapt_modules, init, seed,
@@ -390,6 +398,7 @@ def upscale_model(
     model.scale_has_route = cfg.mode != "preserve"
     model.scale_upscaled_modules = builder.count
     install_route_hook(model, state)
+    install_fused_loss(model, fused_loss)
     logger.info(
         "upscale_model: %d modules upscaled in %s (mode=%s, +%d hidden, +%d heads, +%d kv heads, +%d ffn)",
         builder.count, type(model).__name__, cfg.mode, cfg.extra_hidden, cfg.extra_heads, cfg.extra_kv_heads,
