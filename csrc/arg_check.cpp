@@ -44,7 +44,13 @@ class Checker {
   Checker(const char* op, DeviceKind device) : op_(op), device_(device) {}
 
   bool failed() const { return result_.kind != ErrorKind::None; }
-  CheckResult result(const Dims& dims) {
+
+  // The outcome: the first error, or the block sizes once they are known to fit the kernels' int columns.
+  CheckResult finish(const Dims& dims) {
+    const int64_t widths[] = {dims.d_in, dims.e_in, dims.d_out, dims.e_out};
+    for (int64_t v : widths) {
+      if (v > INT_MAX) fail(ErrorKind::Value, "block widths must be below 2^31, got ", v);
+    }
     result_.dims = dims;
     return result_;
   }
@@ -88,8 +94,9 @@ class Checker {
     return true;
   }
 
-  bool float_dtype(const char* name, const TensorDesc& t) {
-    if (failed()) return false;
+  // The 2-D activations (x, dy) whose dtype every other floating operand must have.
+  bool activations(const char* name, const TensorDesc& t, const char* meaning) {
+    if (!tensor(name, t, 2, meaning)) return false;
     if (is_float_dtype(t)) return true;
     return fail(ErrorKind::Type, name, " must be float32, float16 or bfloat16, got ", t.dtype_name);
   }
@@ -136,15 +143,28 @@ class Checker {
     return tensor(name, t, 2, meaning, &like) && same_dtype(name, t, like_name, like);
   }
 
-  // Every block width must fit the kernels' 32-bit column indices.
-  bool widths_fit(const Dims& d) {
-    if (failed()) return false;
-    const int64_t widths[] = {d.d_in, d.e_in, d.d_out, d.e_out};
-    for (int64_t v : widths) {
-      if (v > INT_MAX) return fail(ErrorKind::Value, "block widths must be below 2^31, got ", v);
+  // The weight blocks w (d_out, d_in), w21 (e_out, d_in), w22 (e_out, e_in) and the optional w12 (d_out, e_in),
+  // of `like`'s dtype and device. d_out, d_in, e_out are read off w and w21; e_in is in_width - d_in (x's
+  // width), or w22's width when in_width < 0.
+  bool weight_blocks(const TensorDesc& w, const TensorDesc& w21, const TensorDesc& w22, const TensorDesc& w12,
+                     const char* like_name, const TensorDesc& like, int64_t in_width, Dims& d) {
+    if (!(weight("w", w, like_name, like, "(d_out, d_in)") && weight("w21", w21, like_name, like, "(e_out, d_in)") &&
+          weight("w22", w22, like_name, like, "(e_out, e_in)"))) {
+      return false;
     }
-    return true;
+    d.d_out = w.sizes[0];
+    d.d_in = w.sizes[1];
+    d.e_out = w21.sizes[0];
+    d.e_in = in_width >= 0 ? in_width - d.d_in : w22.sizes[1];
+    if (d.e_in < 0) return fail(ErrorKind::Value, "w has d_in = ", d.d_in, " columns, more than x's width ", in_width);
+    if (!(shape("w21", w21, d.e_out, d.d_in, "(e_out, d_in)") && shape("w22", w22, d.e_out, d.e_in, "(e_out, e_in)"))) {
+      return false;
+    }
+    const char* w12_shape = "(d_out, e_in)";
+    if (!w12.present) return true;
+    return weight("w12", w12, like_name, like, w12_shape) && shape("w12", w12, d.d_out, d.e_in, w12_shape);
   }
+
 
  private:
   const char* op_;
@@ -157,48 +177,23 @@ class Checker {
 CheckResult check_forward(const ForwardArgs& a) {
   Checker c(a.op, a.device);
   Dims d;
-  if (c.tensor("x", a.x, 2, "(M, d_in + e_in)") && c.float_dtype("x", a.x) &&
-      c.weight("w", a.w, "x", a.x, "(d_out, d_in)")) {
+  if (c.activations("x", a.x, "(M, d_in + e_in)")) {
     d.M = a.x.sizes[0];
-    d.d_out = a.w.sizes[0];
-    d.d_in = a.w.sizes[1];
-    d.e_in = a.x.sizes[1] - d.d_in;
-    if (d.e_in < 0) {
-      c.fail(ErrorKind::Value, "w has d_in = ", d.d_in, " columns, more than x's width ", a.x.sizes[1]);
-    }
-  }
-  if (c.weight("w21", a.w21, "x", a.x, "(e_out, d_in)")) {
-    d.e_out = a.w21.sizes[0];
-    c.shape("w21", a.w21, d.e_out, d.d_in, "(e_out, d_in)");
-  }
-  if (c.weight("w22", a.w22, "x", a.x, "(e_out, e_in)")) c.shape("w22", a.w22, d.e_out, d.e_in, "(e_out, e_in)");
-  if (a.w12.present && c.weight("w12", a.w12, "x", a.x, "(d_out, e_in)")) {
-    c.shape("w12", a.w12, d.d_out, d.e_in, "(d_out, e_in)");
+    c.weight_blocks(a.w, a.w21, a.w22, a.w12, "x", a.x, a.x.sizes[1], d);
   }
   c.bias("bias", a.bias, a.x, d.d_out, "(d_out,)");
   c.bias("bias_up", a.bias_up, a.x, d.e_out, "(e_out,)");
   c.route(a.route, a.x, d.M);
-  c.widths_fit(d);
-  return c.result(d);
+  return c.finish(d);
 }
 
 CheckResult check_backward_input(const BackwardInputArgs& a) {
   Checker c(a.op, a.device);
   Dims d;
-  if (c.tensor("dy", a.dy, 2, "(M, d_out + e_out)") && c.float_dtype("dy", a.dy) &&
-      c.weight("w", a.w, "dy", a.dy, "(d_out, d_in)") && c.weight("w21", a.w21, "dy", a.dy, "(e_out, d_in)") &&
-      c.weight("w22", a.w22, "dy", a.dy, "(e_out, e_in)")) {
+  if (c.activations("dy", a.dy, "(M, d_out + e_out)") &&
+      c.weight_blocks(a.w, a.w21, a.w22, a.w12, "dy", a.dy, -1, d)) {
     d.M = a.dy.sizes[0];
-    d.d_out = a.w.sizes[0];
-    d.d_in = a.w.sizes[1];
-    d.e_out = a.w21.sizes[0];
-    d.e_in = a.w22.sizes[1];
-    c.shape("w21", a.w21, d.e_out, d.d_in, "(e_out, d_in)");
-    c.shape("w22", a.w22, d.e_out, d.e_in, "(e_out, e_in)");
     c.shape("dy", a.dy, d.M, d.d_out + d.e_out, "(M, d_out + e_out)");
-  }
-  if (a.w12.present && c.weight("w12", a.w12, "dy", a.dy, "(d_out, e_in)")) {
-    c.shape("w12", a.w12, d.d_out, d.e_in, "(d_out, e_in)");
   }
   c.route(a.route, a.dy, d.M);
   if (a.x.present && c.weight("x", a.x, "dy", a.dy, "(M, d_in + e_in)")) {
@@ -206,15 +201,13 @@ CheckResult check_backward_input(const BackwardInputArgs& a) {
   }
   if (a.need_droute && !a.w12.present) c.fail(ErrorKind::Value, "need_droute=True requires w12 (got None)");
   if (a.need_droute && !a.x.present) c.fail(ErrorKind::Value, "need_droute=True requires x (got None)");
-  c.widths_fit(d);
-  return c.result(d);
+  return c.finish(d);
 }
 
 CheckResult check_backward_weight(const BackwardWeightArgs& a) {
   Checker c(a.op, a.device);
   Dims d;
-  if (c.tensor("dy", a.dy, 2, "(M, d_out + e_out)") && c.float_dtype("dy", a.dy) &&
-      c.weight("x", a.x, "dy", a.dy, "(M, d_in + e_in)")) {
+  if (c.activations("dy", a.dy, "(M, d_out + e_out)") && c.weight("x", a.x, "dy", a.dy, "(M, d_in + e_in)")) {
     d.M = a.dy.sizes[0];
     d.d_in = a.d_in;
     d.d_out = a.d_out;
@@ -231,8 +224,7 @@ CheckResult check_backward_weight(const BackwardWeightArgs& a) {
     }
   }
   c.route(a.route, a.dy, d.M);
-  c.widths_fit(d);
-  return c.result(d);
+  return c.finish(d);
 }
 
 bool decode_reads_in_place(const TensorDesc& t) {

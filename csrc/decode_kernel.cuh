@@ -264,7 +264,8 @@ __device__ __forceinline__ void segment_product(float (&out)[NT][4], MatrixRef w
 
 // grid: (shape.grid_x, shape.grid_y), kThreads threads; NT = shape.token_tiles (fp32: 1).
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, NT >= 8 ? 3 : 4) decode_kernel(const DecodeParams p, const LaunchShape shape) {
+__global__ void __launch_bounds__(kThreads, NT >= 8 ? 3 : 4)
+    decode_kernel(const DecodeParams p, const LaunchShape shape) {
   using Core = typename CoreFor<T, NT>::type;
   using Bits = typename Core::Bits;
   constexpr int kTokens = NT * kTokenTile;

@@ -86,9 +86,11 @@ inline check::TensorDesc describe(const Tensor& t) {
 // An optional holding an undefined tensor is absent, like None.
 inline check::TensorDesc describe(const OptTensor& t) { return t ? describe(*t) : check::TensorDesc{}; }
 
-inline void raise_if_invalid(const check::CheckResult& r) {
+// The checked block sizes; a failed check raises a TypeError (dtype) or ValueError naming the argument.
+inline Dims checked(const check::CheckResult& r) {
   if (r.kind == check::ErrorKind::Type) TORCH_CHECK_TYPE(false, r.message);
   TORCH_CHECK_VALUE(r.ok(), r.message);
+  return r.dims;
 }
 
 // The tensor itself if present and defined, else nullopt.
@@ -142,19 +144,9 @@ inline void compose_forward(Tensor& y, const Tensor& x, const Tensor& w, const T
 template <typename Device>
 Tensor forward(const Tensor& x, const Tensor& w, const Tensor& w21, const Tensor& w22, const OptTensor& w12_in,
                const OptTensor& bias_in, const OptTensor& bias_up_in, const OptTensor& route_in) {
-  check::ForwardArgs args;
-  args.device = Device::kind;
-  args.x = describe(x);
-  args.w = describe(w);
-  args.w21 = describe(w21);
-  args.w22 = describe(w22);
-  args.w12 = describe(w12_in);
-  args.bias = describe(bias_in);
-  args.bias_up = describe(bias_up_in);
-  args.route = describe(route_in);
-  const check::CheckResult checked = check::check_forward(args);
-  raise_if_invalid(checked);
-  const Dims& d = checked.dims;
+  const Dims d = checked(check::check_forward({"forward", Device::kind, describe(x), describe(w), describe(w21),
+                                                describe(w22), describe(w12_in), describe(bias_in),
+                                                describe(bias_up_in), describe(route_in)}));
   const OptTensor w12 = defined(w12_in), bias = defined(bias_in), bias_up = defined(bias_up_in);
   const OptTensor route = w12 ? defined(route_in) : std::nullopt;  // the route only gates the W12 term
   [[maybe_unused]] const auto guard = Device::prepare(x);
@@ -195,19 +187,9 @@ template <typename Device>
 std::tuple<Tensor, Tensor> backward_input(const Tensor& dy, const OptTensor& x_in, const Tensor& w,
                                           const Tensor& w21, const Tensor& w22, const OptTensor& w12_in,
                                           const OptTensor& route_in, bool need_droute) {
-  check::BackwardInputArgs args;
-  args.device = Device::kind;
-  args.dy = describe(dy);
-  args.x = describe(x_in);
-  args.w = describe(w);
-  args.w21 = describe(w21);
-  args.w22 = describe(w22);
-  args.w12 = describe(w12_in);
-  args.route = describe(route_in);
-  args.need_droute = need_droute;
-  const check::CheckResult checked = check::check_backward_input(args);
-  raise_if_invalid(checked);
-  const Dims& d = checked.dims;
+  const Dims d = checked(check::check_backward_input({"backward_input", Device::kind, describe(dy), describe(x_in),
+                                                       describe(w), describe(w21), describe(w22), describe(w12_in),
+                                                       describe(route_in), need_droute}));
   const OptTensor w12 = defined(w12_in), route = defined(route_in), x = defined(x_in);
   [[maybe_unused]] const auto guard = Device::prepare(dy);
 
@@ -233,16 +215,8 @@ std::tuple<Tensor, Tensor> backward_input(const Tensor& dy, const OptTensor& x_i
 template <typename Device>
 std::vector<Tensor> backward_weight(const Tensor& dy, const Tensor& x, const OptTensor& route_in, int64_t d_in,
                                     int64_t d_out, bool need_w21, bool need_w22, bool need_w12) {
-  check::BackwardWeightArgs args;
-  args.device = Device::kind;
-  args.dy = describe(dy);
-  args.x = describe(x);
-  args.route = describe(route_in);
-  args.d_in = d_in;
-  args.d_out = d_out;
-  const check::CheckResult checked = check::check_backward_weight(args);
-  raise_if_invalid(checked);
-  const Dims& d = checked.dims;
+  const Dims d = checked(check::check_backward_weight(
+      {"backward_weight", Device::kind, describe(dy), describe(x), describe(route_in), d_in, d_out}));
   const OptTensor route = defined(route_in);
   [[maybe_unused]] const auto guard = Device::prepare(dy);
 
