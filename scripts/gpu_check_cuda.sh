@@ -78,13 +78,13 @@ if ! timeout 60 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available
   echo "gpu_check_cuda.sh: no CUDA device visible to torch" | tee "$SUMMARY" >&2
   exit 2
 fi
-DETECTED_ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(0); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
+DETECTED_ARCH=$(timeout 60 $PY -c "import torch; M, m = torch.cuda.get_device_capability(0); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export SCALE_KERNELS_CUDA_ARCHS=${SCALE_KERNELS_CUDA_ARCHS:-$DETECTED_ARCH}
 export MAX_JOBS=${MAX_JOBS:-16}
 {
-  $PY -c "import torch, platform; print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| python', platform.python_version())"
-  nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader 2>&1 | head -1
-  command -v nvcc >/dev/null && nvcc --version | tail -1
+  timeout 60 $PY -c "import torch, platform; print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| python', platform.python_version())"
+  timeout 20 nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader 2>&1 | head -1
+  command -v nvcc >/dev/null && timeout 20 nvcc --version | tail -1
   echo "arch $SCALE_KERNELS_CUDA_ARCHS, MAX_JOBS $MAX_JOBS, budget $BUDGET s"
 } >"$OUT/cuda_env.txt" 2>&1
 cat "$OUT/cuda_env.txt"
