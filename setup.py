@@ -30,7 +30,7 @@ DEFAULT_ARCHS = "80;90a"
 
 
 def _archs() -> list[str]:
-    """The requested architectures, validated: WMMA bf16 needs sm_80 or newer."""
+    """The requested architectures, validated: the bf16 mma.sync of the decode kernel needs sm_80 or newer."""
     raw = os.environ.get(ARCHS_VAR, DEFAULT_ARCHS)
     archs = [a.strip() for a in re.split(r"[;, ]+", raw) if a.strip()]
     for a in archs:
@@ -65,7 +65,8 @@ def _cuda_build() -> dict:
         raise RuntimeError(f"{BUILD_FLAG}=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
     ext = CUDAExtension(
         name="scale_kernels._C",
-        sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))] + ["csrc/binding.cpp"],
+        sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))]
+        + ["csrc/arg_check.cpp", "csrc/binding.cpp"],
         include_dirs=[str(CSRC)],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
     )

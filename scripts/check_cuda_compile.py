@@ -5,9 +5,11 @@
   same half/bf16 macros torch's ``CUDAExtension`` adds, warnings as errors;
 * ``csrc/binding.cpp`` gets a ``g++ -fsyntax-only`` against the installed torch's headers (a CPU wheel
   lacks one CMake-generated header, ``c10/cuda/impl/cuda_cmake_macros.h``; a one-line stub stands in);
-* ``csrc/emulate/kernel_emulator.cpp`` is built into a shared library for the CPU kernel-emulation tests.
+* the CPU test library (``build_cpu_test_library``): the extension's ops (``csrc/ops.h``, the checker
+  ``csrc/arg_check.cpp``) registered for CPU tensors as ``torch.ops.scale_kernels_cuda_emu``, with the decode
+  kernel's device code run by the CPU emulation (``csrc/emulate/``); needs only g++ and the installed torch.
 
-Usage: ``python scripts/check_cuda_compile.py [--arch 80 --arch 90a] [--jobs 2] [--no-binding]``.
+Usage: ``python scripts/check_cuda_compile.py [--arch 80 --arch 90a] [--jobs 2] [--no-binding] [--no-cpu-lib]``.
 Exit status 0 when everything compiled, 1 on a failure, 77 when nvcc is not found (a skip).
 Imported by ``tests/test_csrc_compile.py``.
 """
@@ -150,29 +152,61 @@ def binding_syntax_command(nvcc: str, stub_dir: Path) -> list[str] | str:
     ]
 
 
-def build_emulator(out_dir: Path) -> Path:
-    """Build the CPU kernel emulation (csrc/emulate/kernel_emulator.cpp: the real device code of
-    csrc/tile_gemm.cuh on std::threads) into a shared library; raises CalledProcessError on failure."""
+def _gxx() -> str:
     gxx = shutil.which("g++") or shutil.which("c++")
     if gxx is None:
-        raise FileNotFoundError("no host C++ compiler (g++) to build the kernel emulator")
-    lib = out_dir / "kernel_emulator.so"
-    cmd = [
-        gxx,
-        "-std=c++20",
-        "-O2",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-Wno-unknown-pragmas",
-        "-shared",
-        "-fPIC",
-        "-pthread",
-        str(CSRC / "emulate" / "kernel_emulator.cpp"),
-        "-o",
-        str(lib),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+        raise FileNotFoundError("no host C++ compiler (g++) to build the CPU test library")
+    return gxx
+
+
+_WARNINGS = ("-Wall", "-Wextra", "-Werror")
+
+
+def cpu_test_library_commands(out_dir: Path) -> tuple[list[list[str]], list[str], Path]:
+    """(compile commands, link command, library path) of the CPU test library (see the module docstring).
+
+    Three translation units: the torch-free checker (C++17), the kernel emulation (C++20, no torch) and the
+    ops for CPU tensors (torch headers), linked against the installed torch's libraries.
+    """
+    import torch
+    import torch.utils.cpp_extension as cpp_ext
+
+    gxx = _gxx()
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    common = ["-O1", "-fPIC", *_WARNINGS, abi, f"-I{CSRC}"]
+    units = {
+        "arg_check": ["-std=c++17", str(CSRC / "arg_check.cpp")],
+        "decode_emulator": [
+            "-std=c++20",
+            "-pthread",
+            "-Wno-unknown-pragmas",
+            str(CSRC / "emulate" / "decode_emulator.cpp"),
+        ],
+        "cpu_ops": [
+            "-std=c++17",
+            *(f"-isystem{p}" for p in cpp_ext.include_paths()),
+            str(CSRC / "emulate" / "cpu_ops.cpp"),
+        ],
+    }
+    objects = {name: out_dir / f"{name}.o" for name in units}
+    compiles = [[gxx, "-c", *common, *args, "-o", str(objects[name])] for name, args in units.items()]
+    lib = out_dir / "scale_kernels_cpu_test.so"
+    link = [gxx, "-shared", "-pthread", *map(str, objects.values()), "-o", str(lib), f"-L{torch_lib}", "-lc10"]
+    link += ["-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    return compiles, link, lib
+
+
+def build_cpu_test_library(out_dir: Path, jobs: int = 2) -> Path:
+    """Build the CPU test library into ``out_dir``; raises CalledProcessError (with the compiler's stderr) on
+    a compile error and FileNotFoundError without g++."""
+    compiles, link, lib = cpu_test_library_commands(out_dir)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        procs = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), compiles))
+    for cmd, proc in zip(compiles, procs):
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    subprocess.run(link, check=True, capture_output=True, text=True)
     return lib
 
 
@@ -181,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", help="e.g. 80, 90a (repeatable; default 80 and 90a)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes")
     parser.add_argument("--no-binding", action="store_true", help="skip the binding.cpp syntax check")
+    parser.add_argument("--no-cpu-lib", action="store_true", help="skip building the CPU test library")
     args = parser.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -195,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"SKIP binding.cpp syntax check: {cmd}")
             else:
                 results.append(_run("binding.cpp [g++ -fsyntax-only]", cmd))
+        if not args.no_cpu_lib:
+            try:
+                build_cpu_test_library(Path(tmp), args.jobs)
+                results.append(Result("CPU test library [g++]", True, ""))
+            except subprocess.CalledProcessError as exc:
+                results.append(Result("CPU test library [g++]", False, exc.stderr))
     for r in results:
         print(f"{'ok  ' if r.ok else 'FAIL'} {r.name}")
         if not r.ok:

@@ -1,9 +1,11 @@
 """``cuda`` backend: the compiled extension built from ``csrc/`` (optional).
 
-The extension is built only on request (docs/cuda.md: ``SCALE_KERNELS_BUILD_CUDA=1``); without it, or on a
-GPU older than sm_80, this backend reports why it is unavailable and the dispatcher skips it (CUDA tensors go
-to ``triton``, else ``cuda``, else ``torch``). The launchers take the 2-D token-major tensors of
-:class:`scale_kernels.backends.KernelBackend`; the binding (csrc/binding.cpp) checks them again.
+Forward of up to 64 tokens is one launch of a hand-written decode kernel (all four weight blocks, route and
+biases fused); larger forwards and both backward ops run ATen GEMMs (cuBLAS) into output slices, launched from
+C++ (docs/cuda.md). The extension is built only on request (``SCALE_KERNELS_BUILD_CUDA=1``); without it, or on
+a GPU older than sm_80, this backend reports why it is unavailable and the dispatcher skips it. Each function
+is one op call on the 2-D token-major tensors of :class:`scale_kernels.backends.KernelBackend`; the ops check
+every argument again in C++ (csrc/arg_check.cpp) and raise TypeError / ValueError naming it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import torch
 
 name = "cuda"
-MIN_CAPABILITY = (8, 0)  # bf16 WMMA tensor cores; the binding checks it too
+MIN_CAPABILITY = (8, 0)  # bf16 mma.sync tensor cores; the binding checks it too
+
+_OPS = torch.ops.scale_kernels_cuda  # resolved at call time: the ops exist once the extension is imported
 
 try:
     from .. import _C  # noqa: F401  (compiled extension, registers torch.ops.scale_kernels_cuda)
@@ -38,14 +42,14 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def forward(x, w, w21, w22, w12, bias, bias_up, route):
-    return torch.ops.scale_kernels_cuda.forward(x, w, w21, w22, w12, bias, bias_up, route)
+    return _OPS.forward(x, w, w21, w22, w12, bias, bias_up, route)
 
 
 def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
-    dx, droute = torch.ops.scale_kernels_cuda.backward_input(dy, x, w, w21, w22, w12, route, need_droute)
+    dx, droute = _OPS.backward_input(dy, x, w, w21, w22, w12, route, need_droute)
     return dx, (droute if need_droute else None)
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
-    grads = iter(torch.ops.scale_kernels_cuda.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12))
+    grads = iter(_OPS.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12))
     return tuple(next(grads) if need else None for need in (need_w21, need_w22, need_w12))
