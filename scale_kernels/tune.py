@@ -157,8 +157,7 @@ def tune(
     log(f"[tune] {len(grid)} entries, time budget {time_budget_s:.0f} s, writing {out}")
     start = time.monotonic()
     for i, (shape, t, mode, pass_name) in enumerate(grid):
-        elapsed = time.monotonic() - start
-        if elapsed > time_budget_s:
+        if time.monotonic() - start > time_budget_s:
             log(f"[tune] time budget spent after {i}/{len(grid)} entries: the table is partial")
             break
         run, grads = _call(shape, t, mode, pass_name == "train", device, dtype)
@@ -180,9 +179,8 @@ def tune(
         eta = (time.monotonic() - start) / done * (len(grid) - done)
         times = ", ".join(f"{b} {v:.4g} ms" for b, v in ms.items()) + "".join(f", {b} failed" for b in failed)
         log(f"[tune] {done}/{len(grid)} {shape} T={t} {mode} {pass_name}: {times} (~{eta:.0f} s left)")
-    else:
-        table["complete"] = True
-        dispatch_table.write(table, out)
+    table["complete"] = len(table["entries"]) == len(grid)
+    dispatch_table.write(table, out)
     backends.reload_dispatch_tables()
     log(f"[tune] wrote {out} ({len(table['entries'])} entries); the automatic backend choice now reads it")
     return Path(out)
