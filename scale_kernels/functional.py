@@ -220,14 +220,6 @@ def _autocast(tensors: tuple, device_type: str) -> tuple:
     return tuple(cast(t) for t in tensors)
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _eager_ok(tensors: tuple) -> bool:
-    """True when the call may skip the custom op: plain tensors, no dispatch mode (FakeTensorMode, ...)."""
-    return torch._C._len_torch_dispatch_stack() == 0 and all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
-
-
 def _prepare(x, w, w21, w22, w12, bias, bias_up, route) -> tuple[tuple, CheckedCall, bool]:
     """Autocast and validation shared by :func:`upscaled_linear` and :func:`explain_dispatch`. Returns the 2-D
     operands ``(x (M, d_in + e_in), w, w21, w22, w12, bias, bias_up, route (M,) float or None)``, the checked
@@ -237,13 +229,14 @@ def _prepare(x, w, w21, w22, w12, bias, bias_up, route) -> tuple[tuple, CheckedC
         x, w, w21, w22, w12, bias, bias_up = _autocast((x, w, w21, w22, w12, bias, bias_up), x.device.type)
     use_op = torch.compiler.is_compiling() or _functorch_active()
     checked = check_upscaled_linear_args(x, w, w21, w22, w12, bias, bias_up, route)
+    # tensor subclasses (FakeTensor, DTensor, ...) and dispatch modes need the custom op's registrations
+    use_op = use_op or not checked.plain_tensors or torch._C._len_torch_dispatch_stack() > 0
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     r2 = None
     if route is not None and w12 is not None:
         r2 = route if route.dim() == 1 else route.reshape(-1)
         r2 = r2.to(_route_dtype(x.dtype)).contiguous()
-    args = (x2, w, w21, w22, w12, bias, bias_up, r2)
-    return args, checked, use_op or not _eager_ok(args)
+    return (x2, w, w21, w22, w12, bias, bias_up, r2), checked, use_op
 
 
 def _signature(args: tuple, checked: CheckedCall) -> backends.CallSignature:

@@ -77,11 +77,13 @@ class BlockSizes(NamedTuple):
 
 
 class CheckedCall(NamedTuple):
-    """A validated call: its block widths and whether it needs any gradient (grad mode on and x, W21, W22,
-    bias_up, or W12 / the route gate of a W12 term requires grad)."""
+    """A validated call: its block widths, whether it needs any gradient (grad mode on and x, W21, W22,
+    bias_up, or W12 / the route gate of a W12 term requires grad), and whether every argument is a plain
+    ``torch.Tensor`` / ``nn.Parameter`` (not a subclass such as FakeTensor or DTensor)."""
 
     sizes: BlockSizes
     needs_grad: bool
+    plain_tensors: bool
 
 
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
@@ -136,7 +138,7 @@ def check_upscaled_linear_args(
         sizes = _check_signature(x, w, w21, w22, w12, bias, bias_up, route)
         grads = (x, w21, w22, w12, bias_up, route if w12 is not None else None)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
-        checked = CheckedCall(sizes, needs_grad)
+        checked = CheckedCall(sizes, needs_grad, key is not None)
         if key is not None:
             if len(_checked) >= _SIGNATURE_CACHE_SIZE:
                 _checked.clear()

@@ -50,20 +50,21 @@ def _scale_rows(a: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
 def forward(x, w, w21, w22, w12, bias, bias_up, route) -> torch.Tensor:
     """``[y ; y_up]`` of shape ``(M, d_out + e_out)``, written block by block into one buffer."""
     d_out, d_in = w.shape
-    x0, x1 = x[:, :d_in], x[:, d_in:]
-    out = x.new_empty(x.shape[0], d_out + w21.shape[0])
-    y, y_up = out[:, :d_out], out[:, d_out:]
+    e_out, e_in = w22.shape
+    x0, x1 = x.split_with_sizes((d_in, e_in), 1)  # one call for both views: this path runs at decode sizes too
+    out = x.new_empty(x.shape[0], d_out + e_out)
+    y, y_up = out.split_with_sizes((d_out, e_out), 1)
     if bias is not None:
-        torch.addmm(bias, x0, w.t(), out=y)
+        torch.addmm(bias, x0, w.mT, out=y)
     else:
-        torch.mm(x0, w.t(), out=y)
+        torch.mm(x0, w.mT, out=y)
     if w12 is not None:
-        y.addmm_(x1 if route is None else _scale_rows(x1, route), w12.t())
+        y.addmm_(x1 if route is None else _scale_rows(x1, route), w12.mT)
     if bias_up is not None:
-        torch.addmm(bias_up, x0, w21.t(), out=y_up)
+        torch.addmm(bias_up, x0, w21.mT, out=y_up)
     else:
-        torch.mm(x0, w21.t(), out=y_up)
-    y_up.addmm_(x1, w22.t())
+        torch.mm(x0, w21.mT, out=y_up)
+    y_up.addmm_(x1, w22.mT)
     return out
 
 
@@ -74,9 +75,10 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
     ``dy0`` ``(M, d_out)`` and the product ``dy0 W12`` ``(M, e_in)``.
     """
     d_out, d_in = w.shape
-    dy0, dy1 = dy[:, :d_out], dy[:, d_out:]
-    dx = dy.new_empty(dy.shape[0], d_in + w22.shape[1])
-    dx0, dx1 = dx[:, :d_in], dx[:, d_in:]
+    e_out, e_in = w22.shape
+    dy0, dy1 = dy.split_with_sizes((d_out, e_out), 1)
+    dx = dy.new_empty(dy.shape[0], d_in + e_in)
+    dx0, dx1 = dx.split_with_sizes((d_in, e_in), 1)
     torch.mm(dy0, w, out=dx0)
     dx0.addmm_(dy1, w21)
     torch.mm(dy1, w22, out=dx1)
@@ -85,7 +87,7 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
         return dx, droute
     if route is None:
         dx1.addmm_(dy0, w12)
-    elif need_droute or w12.shape[1] <= d_out:
+    elif need_droute or e_in <= d_out:
         g = dy0 @ w12  # (M, e_in)
         if need_droute:  # an empty W12 term (d_out == 0) has droute exactly 0, even for a NaN x_up
             x1 = x[:, d_in:]
@@ -101,16 +103,16 @@ def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w2
 
     The route scales the smaller of ``x1`` ``(M, e_in)`` and ``dy0`` ``(M, d_out)``.
     """
-    dy0, dy1 = dy[:, :d_out], dy[:, d_out:]
-    x0, x1 = x[:, :d_in], x[:, d_in:]
-    dw21 = dy1.t() @ x0 if need_w21 else None
-    dw22 = dy1.t() @ x1 if need_w22 else None
+    dy0, dy1 = dy.split_with_sizes((d_out, dy.shape[1] - d_out), 1)
+    x0, x1 = x.split_with_sizes((d_in, x.shape[1] - d_in), 1)
+    dw21 = dy1.mT @ x0 if need_w21 else None
+    dw22 = dy1.mT @ x1 if need_w22 else None
     dw12 = None
     if need_w12:
         if route is None:
-            dw12 = dy0.t() @ x1
+            dw12 = dy0.mT @ x1
         elif x1.shape[1] <= d_out:
-            dw12 = dy0.t() @ _scale_rows(x1, route)
+            dw12 = dy0.mT @ _scale_rows(x1, route)
         else:
-            dw12 = _scale_rows(dy0, route).t() @ x1
+            dw12 = _scale_rows(dy0, route).mT @ x1
     return dw21, dw22, dw12
