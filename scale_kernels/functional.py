@@ -12,6 +12,12 @@ Backward, with ``g = dy0 W12``::
 
 ``W`` and ``b`` are frozen: their gradients are never computed. Each other gradient is computed only
 when its input requires grad, and ``x`` is saved only when a weight or route gradient needs it.
+
+Two execution paths share the saved-tensor selection (:func:`_setup_context`) and the backward
+(:func:`_gradients`): plain eager calls run the backend's launchers under :class:`_EagerUpscaledLinear` (a
+plain ``autograd.Function``; no-grad calls call the backend directly), which costs less host time per call;
+``torch.compile``, functorch transforms (vmap), tensor subclasses and dispatch modes run the
+``torch.library`` custom ops, which carry the fake implementations and the vmap rule.
 """
 
 from __future__ import annotations
@@ -220,7 +226,7 @@ def _autocast(tensors: tuple, device_type: str) -> tuple:
     return tuple(cast(t) for t in tensors)
 
 
-def _prepare(x, w, w21, w22, w12, bias, bias_up, route) -> tuple[tuple, CheckedCall, bool]:
+def _prepare(x, w, w21, w22, w12=None, bias=None, bias_up=None, route=None) -> tuple[tuple, CheckedCall, bool]:
     """Autocast and validation shared by :func:`upscaled_linear` and :func:`explain_dispatch`. Returns the 2-D
     operands ``(x (M, d_in + e_in), w, w21, w22, w12, bias, bias_up, route (M,) float or None)``, the checked
     call (block sizes, whether a gradient is needed) and whether the custom op must run (torch.compile,
@@ -301,19 +307,11 @@ def upscaled_linear(
 
 
 def explain_dispatch(
-    x: Tensor,
-    w: Tensor,
-    w21: Tensor,
-    w22: Tensor,
-    w12: Tensor | None = None,
-    bias: Tensor | None = None,
-    bias_up: Tensor | None = None,
-    route: Tensor | None = None,
-    *,
-    backend: str | None = None,
+    *args: Tensor | None, backend: str | None = None, **kwargs: Tensor | None
 ) -> backends.DispatchDecision:
-    """Which backend ``upscaled_linear`` with these arguments (same grad mode, ``use_backend`` and env var)
-    would run, and why: the source (argument / use_backend / env / table / heuristic), the reason and the
-    measured table entries it was chosen from. Nothing is computed; ``print()`` it for a readable summary."""
-    args, checked, _ = _prepare(x, w, w21, w22, w12, bias, bias_up, route)
-    return backends.decide(backend, _signature(args, checked))
+    """Which backend :func:`upscaled_linear` called with the same arguments (and the same grad mode,
+    ``use_backend`` and env var) would run, and why: the source (argument / use_backend / env / table /
+    heuristic), the reason and the measured table entries it was chosen from. Nothing is computed; ``print()``
+    it for a readable summary."""
+    prepared, checked, _ = _prepare(*args, **kwargs)
+    return backends.decide(backend, _signature(prepared, checked))

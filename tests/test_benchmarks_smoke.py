@@ -543,7 +543,8 @@ def test_bench_host_smoke(tmp_path):
     assert set(recs) == {(i, p) for i in ("scale_kernels[auto]", "handwritten") for p in ("forward", "train_step")}
     assert recs[("scale_kernels[auto]", "forward")]["ran_backend"] == "torch"
     [comp] = [c for c in payload["comparisons"] if c["pass"] == "forward"]
-    assert comp["time_ratio"] == pytest.approx(1 / comp["speedup"])
+    assert comp["time_ratio"] == pytest.approx(1 / comp["speedup"]) and comp["paired_time_ratio"] > 0
+    assert len(recs[("handwritten", "forward")]["samples_ms"]) == 3
 
 
 def test_gpu_check_smoke_runs_every_step_and_packs(tmp_path):

@@ -327,3 +327,50 @@ def test_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(sk.upscaled_linear(*ops.args()).square().sum(), ops.w21, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         g.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the composed path on a GPU (cuBLAS): accuracy in bf16, and no hidden copy of a GEMM result
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("route", ["none", "random", "soft"])
+def test_torch_backend_on_cuda_matches_reference(dtype, route):
+    ops = make_operands(lead=(3, 37), d_in=160, e_in=40, d_out=96, e_out=56, route=route, device="cuda")
+    assert_matches_reference(ops, dtype, "torch")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("route", [False, True])
+def test_torch_backend_on_cuda_allocates_only_its_outputs(route):
+    """cuBLAS writes each block into its slice in place: the forward allocates the output (plus, with a route,
+    the scaled x_up rows) and dx allocates dx; a hidden copy of any slice would allocate a block more."""
+    mod = backends.get_backend("torch")
+    m, d, e = 4096, 2048, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    x, dy, w, w21, w22, w12 = rnd(m, d + e), rnd(m, d + e), rnd(d, d), rnd(e, d), rnd(e, e), rnd(d, e)
+    r = (torch.rand(m, device="cuda", generator=g) < 0.5).float() if route else None
+
+    def peak_extra(fn) -> int:
+        fn()  # warm-up: cuBLAS workspaces are allocated once
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+
+    block = m * (d + e) * 2
+    scaled = m * e * 2 if route else 0
+    assert block <= peak_extra(lambda: mod.forward(x, w, w21, w22, w12, None, None, r)) <= block + scaled
+    assert block <= peak_extra(lambda: mod.backward_input(dy, x, w, w21, w22, w12, None, False)) <= block
