@@ -130,7 +130,7 @@ else
     --baselines handwritten_compiled --append --out "$DIR/layer.json"
   # shellcheck disable=SC2086  # MODEL_BENCH_ARGS is a list of options
   step model "$T_MODEL" $PY -m benchmarks.bench_model --out "$DIR/model.json" $MODEL_BENCH_ARGS
-  step host "$T_HOST" $PY -m benchmarks.bench_host --rounds 15 --out "$DIR/host.json"
+  step host "$T_HOST" $PY -m benchmarks.bench_host --out "$DIR/host.json"
 fi
 [ -f "$DIR/dispatch_table.json" ] && log "== dispatch table used by auto in layer/model: $DIR/dispatch_table.json"
 
