@@ -27,7 +27,7 @@ write + read of that block; Llama-style layers have no bias.
 
 Shapes (2-D, token-major): x ``(M, d_in + e_in)``, dy ``(M, d_out + e_out)``, route ``(M,)`` (float32, or
 float64 for float64 operands) or None. Storage layout decision (why ``[W | W12]`` is not one buffer):
-docs/benchmarks.md, "The composed path".
+docs/dispatch.md, "Why [W | W12] and [W21 | W22] are not stored as one buffer".
 """
 
 from __future__ import annotations
