@@ -1,11 +1,15 @@
 """Layer benchmark: forward / backward / train step of the upscaled linear against the baselines.
 
-    python -m benchmarks.bench_layer                # full grid of issue 6 on CUDA, bf16
+    python -m benchmarks.bench_layer                # full grid of issue 11 on CUDA, bf16
     python -m benchmarks.bench_layer --smoke        # tiny CPU shapes, each case once
 
-Passes: ``forward`` runs under ``torch.no_grad`` (inference / decode); ``backward`` replays the backward of
-one retained graph with a fixed upstream gradient; ``train_step`` is forward + backward (no optimizer). The
-``.grad`` of the parameters and of ``x`` is reset to None before each timed run.
+Implementations: ``scale_kernels[auto]`` (what users get: the automatic per-shape choice; each record says
+which backend ran) and ``scale_kernels[<backend>]`` for every usable backend (``--backends`` narrows them,
+``auto`` included), then the baselines. Passes: ``forward`` runs under ``torch.no_grad`` (inference / decode);
+``backward`` replays the backward of one retained graph with a fixed upstream gradient; ``train_step`` is
+forward + backward (no optimizer). The ``.grad`` of the parameters and of ``x`` is reset to None before each
+timed run. With ``--out`` the results file is rewritten after every case, so a run stopped by a timeout keeps
+the cases it finished.
 """
 
 from __future__ import annotations
@@ -16,17 +20,26 @@ from collections.abc import Callable
 
 import torch
 
+from scale_kernels import backends as package_backends
+
 from . import cli
 from .cases import MODES, PASSES, LayerCase, layer_cases
 from .impls import BASELINES, HANDWRITTEN_COMPILED, Workload, build_workload, usable_backends
 from .results import (
     failure_status,
     finalize,
+    impl_backend,
+    load_json,
+    merge_results,
     new_results,
     package_impl,
+    report_failures,
     timing_fields,
+    write_json,
 )
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
+
+AUTO = "auto"
 
 
 def pass_fn(workload: Workload, pass_name: str) -> Callable[[], object]:
@@ -57,11 +70,14 @@ def measure_pass(
     """
     rec = {"case": case.as_dict(), "pass": pass_name, "impl": impl, "flops": workload.flops(pass_name)}
     try:
+        package_backends.record_backend(None)
         fn = pass_fn(workload, pass_name)
         timing = measure(fn, device, timer, grad_to_none=workload.trainable())
         peak = peak_memory_mb(fn, device, grad_to_none=workload.trainable())
         synchronize(device)
         rec.update(timing_fields(timing, peak), tflops=rec["flops"] / (timing.median_ms * 1e-3) / 1e12)
+        if impl_backend(impl) is not None:  # which backend really ran (for auto: the per-shape choice)
+            rec["ran_backend"] = package_backends.last_backend()
     except Exception as exc:  # a failed case is recorded, never dropped or turned into a number
         rec["status"] = failure_status(exc)
     return rec
@@ -129,8 +145,10 @@ def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns the finalized results object (not written)."""
     device, dtype = cli.resolve_device(args), cli.resolve_dtype(args)
     timer = cli.resolve_timer(args, warmup=3, iters=20)
-    backends = usable_backends(device, dtype, args.backends)
-    impls = [package_impl(b) for b, reason in backends.items() if reason is None] + list(args.baselines)
+    requested = args.backends or [AUTO, *package_backends.BACKEND_NAMES]
+    backends = usable_backends(device, dtype, [b for b in requested if b != AUTO])
+    named = [package_impl(b) for b, reason in backends.items() if reason is None]
+    impls = [package_impl(AUTO)] * (AUTO in requested) + named + list(args.baselines)
     cases = layer_cases(
         args.smoke,
         tuple(args.tokens) if args.tokens else None,
@@ -146,16 +164,25 @@ def run(args: argparse.Namespace) -> dict:
         **cli.timer_settings(timer, device),
     }
     payload = new_results("layer", args.smoke, device, settings)
-    for case in cases:
-        print(f"[bench_layer] {case.label}", file=sys.stderr, flush=True)
+    earlier = load_json(args.out) if args.out and args.append and args.out.exists() else None
+    for i, case in enumerate(cases):
+        print(f"[bench_layer] {i + 1}/{len(cases)} {case.label}", file=sys.stderr, flush=True)
         payload["records"].extend(
             bench_case(case, impls, tuple(args.passes), device, dtype, timer, args.compile_backend)
         )
+        if args.out:  # progress: a run stopped by a timeout keeps every finished case
+            write_json(merge_results(earlier, payload) if earlier else finalize(payload), args.out)
     return finalize(payload)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main_for("layer", build_parser, run, argv)
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        return cli.main_for("layer", build_parser, run, argv)
+    payload = run(args)  # with --out, run() has written the file after every case (merged when --append)
+    print(f"[bench_layer] wrote {args.out}", file=sys.stderr)
+    report_failures(payload, "[bench_layer]")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Markdown tables of results files (what the README and ``run_all`` show)."""
+"""Markdown tables of results files (what the README and ``run_all`` show).
+
+python -m benchmarks.report benchmarks/results/<device>/   # rewrite results.md, print every target
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from pathlib import Path
 
-from .results import is_package
+from . import targets
 
 
 def _fmt(value: float | str | None, digits: int = 3) -> str:
@@ -48,9 +54,14 @@ def _header(payload: dict) -> list[str]:
 def _cell(rec: dict) -> str:
     if rec["status"] != "ok":
         return rec["status"].split(":")[0]
-    thr = f"{rec['tflops']:.3g} TF/s" if "tflops" in rec else f"{rec['tokens_per_s']:.4g} tok/s"
+    thr = ""
+    if "tflops" in rec:
+        thr = f", {rec['tflops']:.3g} TF/s"
+    elif "tokens_per_s" in rec:
+        thr = f", {rec['tokens_per_s']:.4g} tok/s"
     mem = "" if rec.get("peak_mem_mb") is None else f", {rec['peak_mem_mb']:.0f} MiB"
-    return f"{rec['median_ms']:.3g} ms ({rec['p20_ms']:.3g}-{rec['p80_ms']:.3g}), {thr}{mem}"
+    ran = f" [ran {rec['ran_backend']}]" if rec["impl"].endswith("[auto]") and rec.get("ran_backend") else ""
+    return f"{rec['median_ms']:.3g} ms ({rec['p20_ms']:.3g}-{rec['p80_ms']:.3g}){thr}{mem}{ran}"
 
 
 def _records_tables(payload: dict) -> list[str]:
@@ -89,12 +100,12 @@ def _comparison_table(payload: dict) -> list[str]:
 
 
 def targets_table(rows: list[dict]) -> list[str]:
-    """The issue-6 targets: one line per evaluated (impl, case)."""
+    """The targets: one line per evaluated (case, pass) of ``scale_kernels[auto]``."""
     body = [
         [
-            t["id"],
+            f"{t['id']} (#{t.get('issue', '?')})",
             t.get("impl") or "-",
-            _case_label(t.get("case")),
+            _case_label(t.get("case")) + (f" {t['pass']}" if t.get("pass") else ""),
             _fmt(t.get("value")),
             f"{t['op']} {t['threshold']}",
             t["status"] + ("" if t.get("on_target_hardware") else " (not H100 bf16)"),
@@ -108,7 +119,7 @@ def targets_table(rows: list[dict]) -> list[str]:
 def render(payload: dict) -> str:
     """Markdown of one results file: header, timings per pass, ratios, targets."""
     lines = _header(payload) + _records_tables(payload) + _comparison_table(payload)
-    lines += ["### targets (issue 6 §5)", ""] + targets_table(payload["targets"])
+    lines += ["### targets (issues 6 and 11)", ""] + targets_table(payload["targets"])
     return "\n".join(lines)
 
 
@@ -124,5 +135,22 @@ def render_all(payloads: list[dict]) -> str:
     return "\n".join(parts + [render(p) for p in payloads])
 
 
-def package_impls(payload: dict) -> list[str]:
-    return list(dict.fromkeys(r["impl"] for r in payload["records"] if is_package(r["impl"])))
+def write_report(folder: Path) -> tuple[Path, list[str]]:
+    """Rewrite ``folder/results.md`` from the results files there; returns it and the target summary lines."""
+    payloads = targets.folder_payloads(folder)
+    md = folder / "results.md"
+    md.write_text(render_all(payloads) + "\n")
+    return md, targets.summary_lines(payloads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("folder", type=Path, help="a results folder (layer.json / model.json / host.json)")
+    md, lines = write_report(parser.parse_args(argv).folder)
+    print("\n".join(lines))
+    print(f"[report] wrote {md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 SCHEMA = "scale_kernels.benchmarks/1"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PACKAGE_PREFIX = "scale_kernels["
 THROUGHPUT_KEYS = ("tflops", "tokens_per_s")
 
@@ -122,10 +124,9 @@ def is_package(impl: str) -> bool:
 
 def default_out_dir(env: dict, smoke: bool) -> Path:
     """``benchmarks/results/<device>``; a CPU smoke run goes to ``benchmarks/results/cpu-smoke``."""
-    root = Path(__file__).resolve().parent / "results"
     if smoke and not env["device"].startswith("cuda"):
-        return root / "cpu-smoke"
-    return root / (device_slug(env["device_name"]) + ("-smoke" if smoke else ""))
+        return RESULTS_ROOT / "cpu-smoke"
+    return RESULTS_ROOT / (device_slug(env["device_name"]) + ("-smoke" if smoke else ""))
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -141,7 +142,8 @@ def _group_key(record: dict) -> str:
 def comparisons(records: list[dict]) -> list[dict]:
     """Every package record against every baseline record of the same case and pass (status ok on both).
 
-    ``speedup`` = baseline median / package median (> 1: the package is faster); ``throughput_ratio`` =
+    ``speedup`` = baseline median / package median (> 1: the package is faster); ``time_ratio`` = its inverse
+    (package / baseline time, the host-overhead figure); ``throughput_ratio`` =
     package / baseline TFLOP/s or tokens/s (differs from speedup when the baseline does other FLOPs, e.g.
     the dense layer or the equal-FLOP GEMM); ``mem_ratio`` = package / baseline peak memory.
     """
@@ -161,6 +163,7 @@ def comparisons(records: list[dict]) -> list[dict]:
                         "impl": pkg["impl"],
                         "baseline": base["impl"],
                         "speedup": _ratio(base["median_ms"], pkg["median_ms"]),
+                        "time_ratio": _ratio(pkg["median_ms"], base["median_ms"]),
                         "throughput_ratio": _ratio(pkg.get(key), base.get(key)) if key else None,
                         "mem_ratio": _ratio(pkg.get("peak_mem_mb"), base.get("peak_mem_mb")),
                     }
@@ -169,9 +172,12 @@ def comparisons(records: list[dict]) -> list[dict]:
 
 
 def write_json(payload: dict, path: Path) -> Path:
+    """Write atomically: a reader (or a run killed mid-write) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -4,7 +4,7 @@
     python -m benchmarks.run_all --smoke               # CPU smoke: writes benchmarks/results/cpu-smoke/
 
 Writes ``layer.json``, ``model.json``, ``layer_*.png``, ``model.png`` and ``results.md`` (all tables and the
-issue-6 targets as met / not met / not evaluated) into ``--out``. ``--layer-args`` / ``--model-args`` pass
+targets as met / not met / not evaluated) into ``--out``. ``--layer-args`` / ``--model-args`` pass
 extra options to ``benchmarks.bench_layer`` / ``benchmarks.bench_model``
 (e.g. ``--model-args "--seq-len 4096"``).
 """
@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import bench_layer, bench_model, cli, report, targets
+from . import bench_layer, bench_model, cli, report
 from .results import default_out_dir, load_json, report_failures, save
 
 
@@ -82,11 +82,9 @@ def run(args: argparse.Namespace) -> Path:
         pngs = _plot(json_path)
         report_failures(load_json(json_path), f"[run_all] {name}:")
         print(f"[run_all] wrote {json_path} and {len(pngs)} plot(s)", file=sys.stderr)
-    payloads = [load_json(out_dir / f"{n}.json") for n in ("layer", "model") if (out_dir / f"{n}.json").exists()]
-    md = out_dir / "results.md"
-    md.write_text(report.render_all(payloads) + "\n")
-    for target_id, status in targets.summary([row for p in payloads for row in p["targets"]]).items():
-        print(f"[run_all] target {target_id}: {status}")
+    md, lines = report.write_report(out_dir)
+    for line in lines:
+        print(f"[run_all] {line}")
     print(f"[run_all] wrote {md}", file=sys.stderr)
     return out_dir
 

@@ -9,7 +9,7 @@ from .checkpoint import (
     save_expansion,
     trainable_parameter_report,
 )
-from .functional import upscaled_linear
+from .functional import explain_dispatch, upscaled_linear
 from .models import upscale_model
 from .modules import GroupedRMSNorm, ScaleEmbedding, ScaleLinear, ScaleLMHead, ScaleRMSNorm
 from .reference import upscaled_linear_reference
@@ -27,6 +27,7 @@ __all__ = [
     "ScaleRMSNorm",
     "available_backends",
     "check_finite",
+    "explain_dispatch",
     "last_backend",
     "load_expansion",
     "load_upscaled",

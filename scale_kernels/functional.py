@@ -12,14 +12,24 @@ Backward, with ``g = dy0 W12``::
 
 ``W`` and ``b`` are frozen: their gradients are never computed. Each other gradient is computed only
 when its input requires grad, and ``x`` is saved only when a weight or route gradient needs it.
+
+Two execution paths share the saved-tensor selection (:func:`_setup_context`) and the backward
+(:func:`_gradients`): plain eager calls run the backend's launchers under :class:`_EagerUpscaledLinear` (a
+plain ``autograd.Function``; no-grad calls call the backend directly), which costs less host time per call;
+``torch.compile``, functorch transforms (vmap), tensor subclasses and dispatch modes run the
+``torch.library`` custom ops, which carry the fake implementations and the vmap rule.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backends
-from .validation import check_upscaled_linear_args
+from .validation import CheckedCall, check_upscaled_linear_args
 
 Tensor = torch.Tensor
 
@@ -97,46 +107,70 @@ def _(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12, backend):
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """What the backward needs (shared by the custom op and the eager autograd.Function)."""
     x, w, w21, w22, w12, bias, bias_up, route, backend = inputs
-    need = {
-        "x": x.requires_grad,
-        "w21": w21.requires_grad,
-        "w22": w22.requires_grad,
-        "w12": w12 is not None and w12.requires_grad,
-        "bias_up": bias_up is not None and bias_up.requires_grad,
-        "route": route is not None and route.requires_grad,
-    }
-    ctx.need = need
     ctx.backend = backend
     ctx.d_in, ctx.d_out = w.shape[1], w.shape[0]
     # weights are live parameters (saving them costs no memory); x is an activation, kept only when a
     # weight or route gradient needs it
-    keep_x = need["w21"] or need["w22"] or need["w12"] or need["route"]
+    _, _, need_w21, need_w22, need_w12, _, _, need_route = ctx.needs_input_grad[:8]  # custom op: no entry for backend
+    keep_x = need_w21 or need_w22 or need_w12 or need_route
     ctx.save_for_backward(x if keep_x else None, w, w21, w22, w12, route)
 
 
-def _backward(ctx, dy):
+def _gradients(ctx, dy: Tensor, backward_input: Callable, backward_weight: Callable) -> tuple:
+    """The gradients of every op input from the saved context, with the given launchers (the backend's own in
+    eager mode, the custom ops under torch.compile / vmap); only the gradients the inputs need are computed."""
     x, w, w21, w22, w12, route = ctx.saved_tensors
-    need = ctx.need
+    need_x, _, need_w21, need_w22, need_w12, _, need_bias_up, need_route = ctx.needs_input_grad[:8]
     dy = dy.contiguous()
     dx = dw21 = dw22 = dw12 = dbias_up = droute = None
-    if need["x"] or need["route"]:
-        dx, droute = _backward_input_op(dy, x, w, w21, w22, w12, route, need["route"], ctx.backend)
-        dx = dx if need["x"] else None
-        droute = droute if need["route"] else None
-    if need["w21"] or need["w22"] or need["w12"]:
-        grads = iter(
-            _backward_weight_op(dy, x, route, ctx.d_in, ctx.d_out, need["w21"], need["w22"], need["w12"], ctx.backend)
-        )
-        dw21 = next(grads) if need["w21"] else None
-        dw22 = next(grads) if need["w22"] else None
-        dw12 = next(grads) if need["w12"] else None
-    if need["bias_up"]:
+    if need_x or need_route:
+        dx, droute = backward_input(dy, x, w, w21, w22, w12, route, need_route)
+        dx = dx if need_x else None
+        droute = droute if need_route else None
+    if need_w21 or need_w22 or need_w12:
+        dw21, dw22, dw12 = backward_weight(dy, x, route, ctx.d_in, ctx.d_out, need_w21, need_w22, need_w12)
+    if need_bias_up:
         dbias_up = dy[:, ctx.d_out :].sum(dim=0)
     return dx, None, dw21, dw22, dw12, None, dbias_up, droute, None
 
 
+def _op_backward_input(backend: str, *args) -> tuple[Tensor, Tensor]:
+    return _backward_input_op(*args, backend)
+
+
+def _op_backward_weight(backend: str, dy, x, route, d_in, d_out, *needs: bool) -> tuple[Tensor | None, ...]:
+    grads = iter(_backward_weight_op(dy, x, route, d_in, d_out, *needs, backend))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _backward(ctx, dy):
+    return _gradients(
+        ctx, dy, functools.partial(_op_backward_input, ctx.backend), functools.partial(_op_backward_weight, ctx.backend)
+    )
+
+
 _upscaled_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerUpscaledLinear(torch.autograd.Function):
+    """The eager training path: the backend's launchers under a plain autograd.Function, without the custom
+    op's dispatch (same saved tensors and the same backward code as the custom op)."""
+
+    @staticmethod
+    def forward(ctx, x, w, w21, w22, w12, bias, bias_up, route, backend):
+        # ctx-style forward: Function.apply binds arguments with inspect.signature on every call when a
+        # separate setup_context is defined, which costs more than the rest of the host path
+        y = backends.get_backend(backend).forward(x, w, w21, w22, w12, bias, bias_up, route)
+        _setup_context(ctx, (x, w, w21, w22, w12, bias, bias_up, route, backend), y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        mod = backends.get_backend(ctx.backend)
+        return _gradients(ctx, dy, mod.backward_input, mod.backward_weight)
 
 
 @_upscaled_linear_op.register_vmap
@@ -162,11 +196,12 @@ def _vmap(info, in_dims, x, w, w21, w22, w12, bias, bias_up, route, backend):
     return torch.stack(outs), 0
 
 
-def _reject_functorch_autodiff() -> None:
-    """Custom-op autograd does not compose with functorch's autodiff transforms; say so clearly."""
+def _functorch_active() -> bool:
+    """Whether a functorch transform (vmap) is active; its autodiff transforms raise a clear RuntimeError:
+    custom-op autograd does not compose with them."""
     stack = torch._C._functorch.get_interpreter_stack()
     if not stack:
-        return
+        return False
     autodiff = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
     if any(level.key() in autodiff for level in stack):
         raise RuntimeError(
@@ -174,6 +209,7 @@ def _reject_functorch_autodiff() -> None:
             "backward is a torch.library custom-op autograd formula, which functorch's autodiff transforms "
             "cannot call). Use loss.backward() or torch.autograd.grad; torch.func.vmap is supported."
         )
+    return True
 
 
 def _autocast(tensors: tuple, device_type: str) -> tuple:
@@ -188,6 +224,38 @@ def _autocast(tensors: tuple, device_type: str) -> tuple:
         return t
 
     return tuple(cast(t) for t in tensors)
+
+
+def _prepare(x, w, w21, w22, w12=None, bias=None, bias_up=None, route=None) -> tuple[tuple, CheckedCall, bool]:
+    """Autocast and validation shared by :func:`upscaled_linear` and :func:`explain_dispatch`. Returns the 2-D
+    operands ``(x (M, d_in + e_in), w, w21, w22, w12, bias, bias_up, route (M,) float or None)``, the checked
+    call (block sizes, whether a gradient is needed) and whether the custom op must run (torch.compile,
+    functorch transforms, tensor subclasses, dispatch modes) instead of the eager autograd.Function."""
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, w, w21, w22, w12, bias, bias_up = _autocast((x, w, w21, w22, w12, bias, bias_up), x.device.type)
+    use_op = torch.compiler.is_compiling() or _functorch_active()
+    checked = check_upscaled_linear_args(x, w, w21, w22, w12, bias, bias_up, route)
+    # tensor subclasses (FakeTensor, DTensor, ...) and dispatch modes need the custom op's registrations
+    use_op = use_op or not checked.plain_tensors or torch._C._len_torch_dispatch_stack() > 0
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    r2 = None
+    if route is not None and w12 is not None:
+        r2 = route if route.dim() == 1 else route.reshape(-1)
+        r2 = r2.to(_route_dtype(x.dtype)).contiguous()
+    return (x2, w, w21, w22, w12, bias, bias_up, r2), checked, use_op
+
+
+def _signature(args: tuple, checked: CheckedCall) -> backends.CallSignature:
+    x2, w12, r2 = args[0], args[4], args[7]
+    return backends.CallSignature(
+        x2.device,
+        x2.dtype,
+        backends.token_bucket(x2.shape[0]),
+        *checked.sizes,
+        w12 is not None,
+        r2 is not None,
+        checked.needs_grad,
+    )
 
 
 def upscaled_linear(
@@ -212,7 +280,8 @@ def upscaled_linear(
         bias: ``(d_out,)`` frozen bias or None; bias_up: ``(e_out,)`` or None.
         route: ``x.shape[:-1]`` bool mask or float gate scaling the W12 term per token (None = all ones).
             A float gate that requires grad receives a gradient.
-        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default: see :mod:`scale_kernels.backends`).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default: see :mod:`scale_kernels.backends`;
+            :func:`explain_dispatch` shows the choice for given arguments).
 
     Returns:
         ``(..., d_out + e_out)``: ``[y ; y_up]`` in x's dtype (under ``torch.autocast``: the autocast dtype,
@@ -221,18 +290,28 @@ def upscaled_linear(
     NaN/inf in ``x`` propagate exactly like in the reference (a route-0 token whose ``x_up`` is NaN gets a NaN
     original output, as ``(x_up W12^T) * 0`` does in PyTorch); see docs/compatibility.md.
     Works under ``torch.compile(fullgraph=True)``, ``torch.autocast``, ``torch.utils.checkpoint`` and
-    ``torch.func.vmap``; ``torch.func.grad`` and the other functorch autodiff transforms raise a RuntimeError.
+    ``torch.func.vmap`` (these run the ``torch.library`` custom op; plain eager calls run the backend under a
+    lighter autograd.Function with the same backward); ``torch.func.grad`` and the other functorch autodiff
+    transforms raise a RuntimeError.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        x, w, w21, w22, w12, bias, bias_up = _autocast((x, w, w21, w22, w12, bias, bias_up), x.device.type)
-    if not torch.compiler.is_compiling():
-        _reject_functorch_autodiff()
-    sizes = check_upscaled_linear_args(x, w, w21, w22, w12, bias, bias_up, route)
-    name = backends.resolve_backend(backend, x.device, x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = None
-    if route is not None and w12 is not None:
-        r2 = route.reshape(-1).to(_route_dtype(x.dtype)).contiguous()
-    y = _upscaled_linear_op(x2, w, w21, w22, w12, bias, bias_up, r2, name)
-    return y.reshape(*lead, sizes.d_out + sizes.e_out)
+    args, checked, use_op = _prepare(x, w, w21, w22, w12, bias, bias_up, route)
+    x2, train = args[0], checked.needs_grad
+    if use_op:
+        name = backends.resolve_backend(backend, x2.device, x2.dtype, args[4] is not None, args[7] is not None, train)
+        y = _upscaled_linear_op(*args, name)
+    else:
+        name = backends.decide(backend, _signature(args, checked)).backend
+        backends.record_backend(name)
+        y = _EagerUpscaledLinear.apply(*args, name) if train else backends.get_backend(name).forward(*args)
+    return y if x2 is x else y.reshape(*x.shape[:-1], checked.sizes.d_out + checked.sizes.e_out)
+
+
+def explain_dispatch(
+    *args: Tensor | None, backend: str | None = None, **kwargs: Tensor | None
+) -> backends.DispatchDecision:
+    """Which backend :func:`upscaled_linear` called with the same arguments (and the same grad mode,
+    ``use_backend`` and env var) would run, and why: the source (argument / use_backend / env / table /
+    heuristic), the reason and the measured table entries it was chosen from. Nothing is computed; ``print()``
+    it for a readable summary."""
+    prepared, checked, _ = _prepare(*args, **kwargs)
+    return backends.decide(backend, _signature(prepared, checked))

@@ -3,6 +3,11 @@
 Every check runs before any kernel is launched and raises a ``ValueError`` / ``TypeError`` that names
 the offending argument and what was expected, so a user never sees a Triton compile error or a silent
 wrong answer.
+
+The checks depend only on the call's *signature* (per tensor: type, layout, shape, dtype, device,
+requires_grad; plus the grad mode), so a signature that passed once is remembered and later calls with it
+skip them (a bounded cache; never under ``torch.compile``, which traces the checks once anyway). The opt-in
+finite-value check reads values and runs on every call.
 """
 
 from __future__ import annotations
@@ -10,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 
 _OP = "upscaled_linear"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CHECK_FINITE_ENV_VAR = "SCALE_KERNELS_CHECK_FINITE"
-_check_finite: list[bool] = []
+_check_finite: ContextVar[bool | None] = ContextVar("scale_kernels_check_finite", default=None)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_SIGNATURE_CACHE_SIZE = 1024
+_checked: dict[tuple, CheckedCall] = {}
 
 
 @contextlib.contextmanager
@@ -31,17 +40,18 @@ def check_finite(enabled: bool = True) -> Iterator[None]:
     enabled by the environment variable ``SCALE_KERNELS_CHECK_FINITE=1``. Skipped inside ``torch.compile``
     (a data-dependent branch would break the graph).
     """
-    _check_finite.append(enabled)
+    token = _check_finite.set(enabled)
     try:
         yield
     finally:
-        _check_finite.pop()
+        _check_finite.reset(token)
 
 
 def finite_checks_enabled() -> bool:
     """Whether :func:`check_finite` (or ``SCALE_KERNELS_CHECK_FINITE=1``) is in force."""
-    if _check_finite:
-        return _check_finite[-1]
+    enabled = _check_finite.get()
+    if enabled is not None:
+        return enabled
     return os.environ.get(CHECK_FINITE_ENV_VAR, "0").strip() not in ("", "0")
 
 
@@ -57,14 +67,23 @@ def _check_values_finite(named: list[tuple[str, torch.Tensor | None]]) -> None:
             )
 
 
-@dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(NamedTuple):
     """Widths of the 2x2 block matrix ``[[W, W12], [W21, W22]]``."""
 
     d_in: int
     e_in: int
     d_out: int
     e_out: int
+
+
+class CheckedCall(NamedTuple):
+    """A validated call: its block widths, whether it needs any gradient (grad mode on and x, W21, W22,
+    bias_up, or W12 / the route gate of a W12 term requires grad), and whether every argument is a plain
+    ``torch.Tensor`` / ``nn.Parameter`` (not a subclass such as FakeTensor or DTensor)."""
+
+    sizes: BlockSizes
+    needs_grad: bool
+    plain_tensors: bool
 
 
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
@@ -82,6 +101,20 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning:
         raise ValueError(f"{_OP}: {name} must have shape {meaning} = {expected}, got {tuple(t.shape)}")
 
 
+def _signature(tensors: tuple) -> tuple | None:
+    """Everything the shape/dtype/device/grad checks read, or None when an argument is not a plain tensor
+    (such a call is always checked in full)."""
+    parts: list = [torch.is_grad_enabled()]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) in _PLAIN_TYPES:
+            parts.append((t.shape, t.dtype, t.device, t.layout, t.requires_grad))
+        else:
+            return None
+    return tuple(parts)
+
+
 def check_upscaled_linear_args(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -91,13 +124,33 @@ def check_upscaled_linear_args(
     bias: torch.Tensor | None,
     bias_up: torch.Tensor | None,
     route: torch.Tensor | None,
-) -> BlockSizes:
-    """Validate the arguments of ``upscaled_linear`` and return the block sizes.
+) -> CheckedCall:
+    """Validate the arguments of ``upscaled_linear``; returns the block sizes and whether a gradient is needed.
 
     Shapes: ``x (..., d_in + e_in)``, ``w (d_out, d_in)``, ``w21 (e_out, d_in)``, ``w22 (e_out, e_in)``,
     ``w12 (d_out, e_in) | None``, ``bias (d_out,) | None``, ``bias_up (e_out,) | None``,
     ``route x.shape[:-1] | None`` (bool or floating point).
     """
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _signature((x, w, w21, w22, w12, bias, bias_up, route))
+    checked = _checked.get(key) if key is not None else None
+    if checked is None:
+        sizes = _check_signature(x, w, w21, w22, w12, bias, bias_up, route)
+        grads = (x, w21, w22, w12, bias_up, route if w12 is not None else None)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
+        checked = CheckedCall(sizes, needs_grad, key is not None)
+        if key is not None:
+            if len(_checked) >= _SIGNATURE_CACHE_SIZE:
+                _checked.clear()
+            _checked[key] = checked
+    if not compiling and finite_checks_enabled():
+        _check_values_finite([("w", w), ("w21", w21), ("w22", w22), ("w12", w12), ("bias", bias),
+                              ("bias_up", bias_up), ("route", route)])  # fmt: skip
+    return checked
+
+
+def _check_signature(x, w, w21, w22, w12, bias, bias_up, route) -> BlockSizes:
+    """Every check that depends only on the call's signature (see :func:`_signature`)."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"{_OP}: x must have at least 1 dimension (..., d_in + e_in), got a 0-D tensor")
@@ -155,6 +208,4 @@ def check_upscaled_linear_args(
             )
         if route.device != x.device:
             raise ValueError(f"{_OP}: route must be on x's device {x.device}, got {route.device}")
-    if finite_checks_enabled() and not torch.compiler.is_compiling():
-        _check_values_finite([*named, ("route", route)])
     return BlockSizes(d_in=d_in, e_in=e_in, d_out=d_out, e_out=e_out)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,9 @@ def test_equal_flop_gemm_is_within_rounding_of_the_layer():
 
 def test_case_grid_and_phases():
     full = layer_cases(smoke=False)
-    assert len(full) == 2 * 6 * 3  # d in {2048, 4096} x T in {4096, 8192, 16384, 1, 4, 16} x 3 modes
-    assert {c.e for c in full} == {512, 1024} and all(c.e * 4 == c.d for c in full)
-    assert {c.tokens for c in full if c.phase == "decode"} == {1, 4, 16}
+    assert len(full) == 4 * 3  # issue 11: d=4096 x T in {16384, 4096, 16, 1} x 3 modes, targets' shape first
+    assert {(c.d, c.e) for c in full} == {(4096, 1024)} and full[0].tokens == 16384
+    assert {c.tokens for c in full if c.phase == "decode"} == {1, 16}
     assert all(c.tokens >= 4096 for c in full if c.phase == "prefill")
     assert layer_cases(smoke=True, tokens=(5,), modes=("route",)) == [LayerCase(5, 32, 8, "route")]
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -181,39 +182,47 @@ def _layer_payload(device_name, speedup, value_case=None):
     comp = {
         "case": case,
         "pass": "train_step",
-        "impl": "scale_kernels[triton]",
+        "impl": "scale_kernels[auto]",
         "baseline": "handwritten",
         "speedup": speedup,
         "throughput_ratio": speedup,
         "mem_ratio": None,
     }
-    torch_comp = {**comp, "impl": "scale_kernels[torch]", "speedup": 9.0}  # unfused: never held to targets
+    triton_comp = {**comp, "impl": "scale_kernels[triton]", "speedup": 0.1}  # single backends: informative only
     return {
         "kind": "layer",
-        "env": {"device_name": device_name},
+        "smoke": False,
+        "env": {"device": "cuda", "device_name": device_name},
         "settings": {"dtype": "bfloat16"},
-        "comparisons": [comp, torch_comp],
+        "records": [{"case": case, "pass": "train_step", "impl": "scale_kernels[auto]", "ran_backend": "torch"}],
+        "comparisons": [comp, triton_comp],
     }
 
 
 def test_targets_met_not_met_and_not_evaluated():
     target = next(t for t in targets.TARGETS if t.id == "layer_train_vs_handwritten")
-    [met] = targets.evaluate_target(target, _layer_payload("NVIDIA H100 80GB HBM3", 1.31))
-    assert met["status"] == "met" and met["on_target_hardware"] and met["impl"] == "scale_kernels[triton]"
-    [miss] = targets.evaluate_target(target, _layer_payload("NVIDIA H200", 1.29))
+    [met] = targets.evaluate_target(target, _layer_payload("NVIDIA H100 80GB HBM3", 1.21))
+    assert met["status"] == "met" and met["on_target_hardware"] and met["impl"] == "scale_kernels[auto]"
+    assert met["ran_backend"] == "torch" and met["pass"] == "train_step"
+    [miss] = targets.evaluate_target(target, _layer_payload("NVIDIA H200", 1.19))
     assert miss["status"] == "not met" and not miss["on_target_hardware"]
     [absent] = targets.evaluate_target(target, _layer_payload("x", 5.0, {"tokens": 8, "d": 32, "e": 8}))
     assert absent["status"] == "not evaluated" and absent["value"] is None and "reason" in absent
+    never_slower = next(t for t in targets.TARGETS if t.id == "layer_never_slower_than_handwritten")
+    [row] = targets.evaluate_target(never_slower, _layer_payload("x", 0.97, {"tokens": 8, "d": 32, "e": 8}))
+    assert row["status"] == "not met"  # holds for every benchmarked case, not only the targets' shapes
+    [smoke] = targets.evaluate_target(target, {**_layer_payload("NVIDIA H100", 1.3), "smoke": True})
+    assert smoke["status"] == "not evaluated" and "smoke" in smoke["reason"]
     mem = next(t for t in targets.TARGETS if t.id == "model_memory_vs_full_ft")
     payload = {
         "kind": "model",
-        "env": {"device_name": "H100"},
+        "env": {"device": "cuda", "device_name": "H100"},
         "settings": {"dtype": "bfloat16"},
         "comparisons": [
             {
                 "case": {},
                 "pass": "train_step",
-                "impl": "scale_kernels[cuda]",
+                "impl": "scale_kernels[auto]",
                 "baseline": "full_ft",
                 "speedup": 1.0,
                 "throughput_ratio": 1.0,
@@ -293,7 +302,9 @@ def test_bench_layer_smoke_runs_every_case(layer_json):
     assert len(payload["comparisons"]) == n_cases * (3 + 3 + 1) * len(
         [i for i in impls if i.startswith("scale_kernels[")]
     )  # the GEMM has a forward only
-    assert {t["status"] for t in payload["targets"]} == {"not evaluated"}  # no fused backend, no H100 shapes
+    assert {t["status"] for t in payload["targets"]} == {"not evaluated"}  # a smoke run is no measurement
+    auto = [r for r in payload["records"] if r["impl"] == "scale_kernels[auto]"]
+    assert auto and all(r["ran_backend"] == "torch" for r in auto)  # the per-shape choice on CPU
 
 
 def test_bench_layer_inductor_baseline_one_case(tmp_path):
@@ -526,3 +537,84 @@ def test_model_8b_status_target():
     (met,) = targets.evaluate_trains(payload("ok"))
     assert met["status"] == "met" and met["reason"] == "full_ft: oom"
     assert targets.evaluate_trains(payload("oom"))[0]["status"] == "not met"
+
+
+def test_bench_layer_saves_every_finished_case(tmp_path, monkeypatch):
+    """With --out the file is rewritten after every case: a run stopped by a timeout keeps what it finished."""
+    out = tmp_path / "layer.json"
+    real = bench_layer.bench_case
+    seen = []
+
+    def stop_at_second_case(case, *args):
+        seen.append(case)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # stands for `timeout` killing the run
+        return real(case, *args)
+
+    monkeypatch.setattr(bench_layer, "bench_case", stop_at_second_case)
+    argv = ["--smoke", "--out", str(out), "--tokens", "4", "--modes", "preserve", "route", "--backends", "auto"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_layer.main([*argv, "--passes", "forward", "--baselines", "handwritten"])
+    payload = load_json(out)
+    assert {r["case"]["mode"] for r in payload["records"]} == {"preserve"} and payload["comparisons"]
+
+
+def test_bench_host_smoke(tmp_path):
+    from benchmarks import bench_host
+
+    out = tmp_path / "host.json"
+    assert bench_host.main(["--smoke", "--modes", "adapt", "--out", str(out)]) == 0
+    payload = load_json(out)
+    assert payload["kind"] == "host" and payload["settings"]["rounds"] == 3
+    assert payload["settings"]["loadavg_before"] is not None and payload["settings"]["torch_threads"] == 1
+    recs = {(r["impl"], r["pass"]): r for r in payload["records"]}
+    assert set(recs) == {(i, p) for i in ("scale_kernels[auto]", "handwritten") for p in ("forward", "train_step")}
+    assert recs[("scale_kernels[auto]", "forward")]["ran_backend"] == "torch"
+    [comp] = [c for c in payload["comparisons"] if c["pass"] == "forward"]
+    assert comp["time_ratio"] == pytest.approx(1 / comp["speedup"]) and comp["paired_time_ratio"] > 0
+    assert len(recs[("handwritten", "forward")]["samples_ms"]) == 3
+
+
+def test_gpu_check_smoke_runs_every_step_and_packs(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the steps run on tiny CPU shapes, the report and targets are written,
+    and OUT gets the tarball and the log (the compiled and model steps have their own smoke tests above)."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "RESULTS_DIR": str(results),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_STEPS": "tests tune layer host",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (results / "gpu_check_summary.md").read_text()
+    for step in ("tests | PASS", "tune | PASS", "layer | PASS", "host | PASS", "cuda | SKIPPED", "model | SKIPPED"):
+        assert step in summary
+    assert "target layer_forward_vs_gemm: not evaluated" in summary  # a smoke run evaluates no target
+    assert {p.name for p in out.iterdir()} == {"gpu_check.tar.gz", "gpu_check.log"}
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = {Path(n).relative_to(results.name).as_posix() for n in tar.getnames() if n != results.name}
+    assert {"layer.json", "host.json", "dispatch_table.json", "results.md", "logs/tune.log"} <= names
+    table = json.loads((results / "dispatch_table.json").read_text())
+    assert table["format"] == "scale_kernels.dispatch_table" and table["complete"]
+
+
+def test_targets_cli_lists_every_target(tmp_path, capsys):
+    save({**_layer_payload("NVIDIA H100 80GB HBM3", 1.0), **_results_header("layer")}, tmp_path / "layer.json")
+    assert targets.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("target ")] == [
+        f"target {t.id}" for t in targets.TARGETS
+    ]
+    assert any("model.json" in line for line in lines)  # model targets: no file, not evaluated
+
+
+def _results_header(kind: str) -> dict:
+    return {"schema": SCHEMA, "kind": kind, "label": "test", "targets": []}

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_matches_reference, make_operands, run, triton_usable
 
 import scale_kernels as sk
-from scale_kernels import backends
+from scale_kernels import backends, functional
 
 CPU_BACKENDS = [
     "torch",
@@ -223,3 +223,154 @@ def test_opcheck():
     r = ops.route.detach().float().requires_grad_(True)
     args = (ops.x, ops.w, ops.w21, ops.w22, ops.w12, ops.bias, ops.bias_up, r, "torch")
     torch.library.opcheck(torch.ops.scale_kernels.upscaled_linear.default, args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the composed torch backend: one output buffer, no hidden copies; every route-scaling branch
+
+
+def _aten_ops(fn) -> list[tuple[str, tuple[str, ...]]]:
+    """Every aten op ``fn`` runs on CPU, with the names of the ops it was called from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = []
+    for event in prof.events():
+        parents, parent = [], event.cpu_parent
+        while parent is not None:
+            parents.append(parent.name)
+            parent = parent.cpu_parent
+        ops.append((event.name, tuple(parents)))
+    return ops
+
+
+def test_torch_backend_writes_slices_of_one_buffer_without_copies():
+    """Forward and backward write each block straight into its slice of one output: no cat, no separate add
+    pass, and no GEMM result is copied (the only copy is droute's cast to the route dtype, by design)."""
+    mod = backends.get_backend("torch")
+    ops = make_operands(lead=(16,), route="soft", bias=False).to(torch.float32)
+    x, w, w21, w22, w12, _, _, r = (t.detach() if t is not None else None for t in ops.args())
+    r = r.float()
+    d_in, d_out = w.shape[1], w.shape[0]
+    dy = torch.randn(16, d_out + w21.shape[0])
+    y = mod.forward(x, w, w21, w22, w12, None, None, r)
+    assert y.is_contiguous() and y.untyped_storage().nbytes() == y.numel() * y.element_size()
+    calls = _aten_ops(lambda: mod.forward(x, w, w21, w22, w12, None, None, r))
+    calls += _aten_ops(lambda: mod.backward_input(dy, x, w, w21, w22, w12, r, True))
+    calls += _aten_ops(lambda: mod.backward_weight(dy, x, r, d_in, d_out, True, True, True))
+    names = {name for name, _ in calls}
+    assert not names & {"aten::cat", "aten::add", "aten::add_", "aten::clone", "aten::contiguous", "aten::stack"}
+    copies = [parents for name, parents in calls if name == "aten::copy_"]
+    assert all("aten::to" in parents for parents in copies), copies
+    gemms = [name for name, _ in calls if name in ("aten::mm", "aten::addmm_")]
+    assert len(gemms) == 4 + 4 + 3  # forward: 4 blocks; dx: 3 blocks + g = dy0 W12 (droute and dx_up); 3 dW
+
+
+@pytest.mark.parametrize("route", ["random", "soft"])
+@pytest.mark.parametrize(
+    "sizes",
+    [dict(d_in=20, e_in=7, d_out=23, e_out=5), dict(d_in=9, e_in=30, d_out=6, e_out=4)],
+    ids=["e_in<d_out", "e_in>d_out"],
+)
+def test_torch_backend_route_scaling_branches(sizes, route):
+    """The route scales whichever operand is smaller (x_up or dy0, or the (M, e_in) product): every branch
+    equals the reference, with and without a route gradient."""
+    ops = make_operands(lead=(11,), **sizes, route=route)
+    assert_matches_reference(ops, torch.float32, "torch")
+    assert_matches_reference(ops, torch.bfloat16, "torch")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host path: eager calls skip the custom op; compile / vmap / fake tensors run it; both give the same numbers
+
+
+def _count_op_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = functional._upscaled_linear_op
+    monkeypatch.setattr(functional, "_upscaled_linear_op", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
+def test_eager_calls_skip_the_custom_op_with_identical_results(monkeypatch):
+    ops = make_operands(lead=(3, 5), route="soft").to(torch.float32)
+    dy = torch.randn(3, 5, 64)
+    calls = _count_op_calls(monkeypatch)
+    eager = run(ops, lambda *a: sk.upscaled_linear(*a, backend="torch"), dy)
+    with torch.no_grad():
+        sk.upscaled_linear(*ops.args(), backend="torch")
+    assert calls == []
+    via_op = run(ops, lambda *a: functional._upscaled_linear_op(*_op_args(a), "torch").reshape(3, 5, 64), dy)
+    for a, b in zip(eager, via_op):
+        assert torch.equal(a, b)
+
+
+def _op_args(args: tuple) -> tuple:
+    x, w, w21, w22, w12, bias, bias_up, route = args
+    return (x.reshape(-1, x.shape[-1]), w, w21, w22, w12, bias, bias_up, route.reshape(-1).float())
+
+
+def test_fake_tensors_go_through_the_custom_op(monkeypatch):
+    """Under a dispatch mode (FakeTensorMode: memory estimators, meta tracing) the custom op's fake
+    implementation runs, never a backend."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = _count_op_calls(monkeypatch)
+    with FakeTensorMode():
+        ops = make_operands(lead=(4,), route="random").to(torch.float32)
+        y = sk.upscaled_linear(*ops.args())
+    assert y.shape == (4, 64) and calls == ["torch"]
+
+
+def test_double_backward_is_a_clear_error():
+    ops = make_operands(lead=(4,)).to(torch.float32)
+    (g,) = torch.autograd.grad(sk.upscaled_linear(*ops.args()).square().sum(), ops.w21, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        g.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the composed path on a GPU (cuBLAS): accuracy in bf16, and no hidden copy of a GEMM result
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("route", ["none", "random", "soft"])
+def test_torch_backend_on_cuda_matches_reference(dtype, route):
+    ops = make_operands(lead=(3, 37), d_in=160, e_in=40, d_out=96, e_out=56, route=route, device="cuda")
+    assert_matches_reference(ops, dtype, "torch")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("route", [False, True])
+def test_torch_backend_on_cuda_allocates_only_its_outputs(route):
+    """cuBLAS writes each block into its slice in place: the forward allocates the output (plus, with a route,
+    the scaled x_up rows) and dx allocates dx; a hidden copy of any slice would allocate a block more."""
+    mod = backends.get_backend("torch")
+    m, d, e = 4096, 2048, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    x, dy, w, w21, w22, w12 = rnd(m, d + e), rnd(m, d + e), rnd(d, d), rnd(e, d), rnd(e, e), rnd(d, e)
+    r = (torch.rand(m, device="cuda", generator=g) < 0.5).float() if route else None
+
+    def peak_extra(fn) -> int:
+        fn()  # warm-up: cuBLAS workspaces are allocated once
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+
+    block = m * (d + e) * 2
+    scaled = m * e * 2 if route else 0
+    assert block <= peak_extra(lambda: mod.forward(x, w, w21, w22, w12, None, None, r)) <= block + scaled
+    assert block <= peak_extra(lambda: mod.backward_input(dy, x, w, w21, w22, w12, None, False)) <= block

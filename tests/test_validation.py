@@ -10,7 +10,7 @@ import torch
 from helpers import make_operands
 
 import scale_kernels as sk
-from scale_kernels import backends
+from scale_kernels import backends, validation
 from scale_kernels.validation import CHECK_FINITE_ENV_VAR, check_finite
 
 
@@ -148,3 +148,46 @@ def test_finite_checks_env_var(monkeypatch):
         sk.upscaled_linear(*ops.args())
     monkeypatch.setenv(CHECK_FINITE_ENV_VAR, "0")
     sk.upscaled_linear(*ops.args())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the checks are cached per call signature; the finite-value check never is
+
+
+def test_checks_run_once_per_signature(monkeypatch):
+    calls = []
+    real = validation._check_signature
+    monkeypatch.setattr(validation, "_check_signature", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(validation, "_checked", {})
+    ops = _base()
+    for _ in range(3):
+        sk.upscaled_linear(*ops.args())
+    assert len(calls) == 1
+    with torch.no_grad():  # grad mode is part of the signature (it decides whether a frozen w may require grad)
+        sk.upscaled_linear(*ops.args())
+    sk.upscaled_linear(*ops.to(torch.float64).args())  # dtype
+    sk.upscaled_linear(*_with(x=lambda o: o.x[:1], route=lambda o: o.route[:1]).args())  # shape
+    sk.upscaled_linear(*_with(route=None).args())  # route kind
+    ops.w21.requires_grad_(False)  # requires_grad flags
+    sk.upscaled_linear(*ops.args())
+    assert len(calls) == 6
+
+
+def test_a_cached_signature_does_not_hide_a_new_mistake():
+    ops = _base()
+    sk.upscaled_linear(*ops.args())
+    ops.w.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"w requires grad.*frozen"):
+        sk.upscaled_linear(*ops.args())
+    with pytest.raises(ValueError, match="w22 must have shape"):
+        sk.upscaled_linear(*_with(w22=lambda o: o.w22[:, :1]).args())
+
+
+def test_finite_check_is_never_cached():
+    ops = _base()
+    with check_finite():
+        sk.upscaled_linear(*ops.args())
+        with torch.no_grad():
+            ops.w12[0, 0] = NAN  # same tensor, same signature: only its values changed
+        with pytest.raises(ValueError, match="w12 has 1 non-finite"):
+            sk.upscaled_linear(*ops.args())
