@@ -12,15 +12,23 @@ FUSED_OP_BACKENDS = ("torch", "triton")
 def triton_or_torch(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """``"triton"`` or ``"torch"`` for a model-level op.
 
-    ``backend`` (else ``use_backend`` / ``SCALE_KERNELS_BACKEND``) is resolved by the package dispatcher exactly
-    as for ``upscaled_linear`` (auto: ``triton`` on CUDA, ``torch`` on CPU); its ``cuda`` choice maps to
-    ``triton`` (these ops have no CUDA-C kernel), or to ``torch`` where triton cannot run. fp64 runs on ``torch``.
+    ``backend`` (else ``use_backend`` / ``SCALE_KERNELS_BACKEND``) is requested exactly as for ``upscaled_linear``.
+    ``auto`` takes ``triton`` for CUDA tensors (these ops are memory-bound element-wise / row-wise work, where one
+    fused pass beats PyTorch's several kernels; the dispatch tables of ``upscaled_linear`` are about GEMMs and do
+    not apply) and ``torch`` elsewhere. A forced ``cuda`` maps to ``triton`` (these ops have no CUDA-C kernel) or,
+    where triton cannot run, to ``torch``. fp64 runs on ``torch``. A forced backend that cannot run raises.
     """
-    if backend is not None and backend not in (*backends.BACKEND_NAMES, "auto"):
-        raise ValueError(f"backend must be one of {backends.BACKEND_NAMES} or 'auto', got {backend!r}")
+    requested, _ = backends.requested_backend(backend)
+    if requested not in (*backends.BACKEND_NAMES, "auto"):
+        raise ValueError(f"backend must be one of {backends.BACKEND_NAMES} or 'auto', got {requested!r}")
     if dtype == torch.float64:
         return "torch"
-    name = backends.resolve_backend(backend, device, dtype)
-    if name == "cuda":
-        name = "triton" if backends.unavailable_reason("triton", device, dtype) is None else "torch"
-    return name
+    triton_ok = backends.unavailable_reason("triton", device, dtype) is None
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_ok else "torch"
+    if requested == "cuda":
+        return "triton" if triton_ok else "torch"
+    reason = backends.unavailable_reason(requested, device, dtype)
+    if reason is not None:
+        raise ValueError(f"backend {requested!r} cannot run this call: {reason}")
+    return requested
