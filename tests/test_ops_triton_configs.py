@@ -234,20 +234,12 @@ def test_launch_metadata_counts_flops_and_bytes():
 
 
 def test_sm90_compile_without_spills():
-    """The first tile of each size class of each kernel, Route variant with d(route), bf16 (TMA and pointer
-    paths) and fp32, compiled for sm_90 with this triton and its bundled ptxas: no error, no register spill."""
-    _run_compile_check([])
-
-
-@pytest.mark.slow
-def test_sm90_compile_every_tile_and_variant():
-    """Every tile and every variant: no error, and at most a few spilled values (see the script)."""
-    _run_compile_check(["--all", "--max-spill-bytes", "32"])
-
-
-def _run_compile_check(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, str(COMPILE_CHECK), *args], capture_output=True, text=True)
+    """Each kernel (Route variant with d(route)) compiled for sm_90 with this triton and its bundled ptxas, on
+    the TMA and pointer paths and in all three size classes: no error, no register spill beyond a few values
+    (the script's MAX_SPILL_BYTES). Every tile and variant: ``python tests/triton_sm90_compile.py --all``
+    (a few minutes, so not part of the suite)."""
+    proc = subprocess.run([sys.executable, str(COMPILE_CHECK)], capture_output=True, text=True)
     if proc.returncode == 77:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert proc.stdout.count("\n") >= 15, proc.stdout  # the compiles really ran
+    assert proc.stdout.count("\n") == 9, proc.stdout  # the compiles really ran

@@ -88,14 +88,18 @@ def _compiled_kernels() -> list[tuple[str, object]]:
 
 
 def _assert_no_spills() -> None:
+    """No compiled kernel spills more than a few values (the limit of tests/triton_sm90_compile.py)."""
+    from triton_sm90_compile import MAX_SPILL_BYTES  # imported here: it turns the interpreter off
+
     rows, spilled = [], []
     for name, compiled in _compiled_kernels():
-        compiled.run  # loads the binary: n_regs / n_spills are known from then on  # noqa: B018
+        compiled.run  # loads the binary: n_regs and n_spills are known from then on  # noqa: B018
         meta = compiled.metadata
-        row = f"{name}: {compiled.n_regs} registers, {compiled.n_spills} spills, {meta.shared} B shared, "
+        spill_bytes = 4 * compiled.n_spills  # triton reports the local memory size in 4-byte words
+        row = f"{name}: {compiled.n_regs} registers, {spill_bytes} B spilled, {meta.shared} B shared, "
         row += f"{meta.num_warps} warps, {meta.num_stages} stages"
         rows.append(row)
-        if compiled.n_spills:
+        if spill_bytes > MAX_SPILL_BYTES:
             spilled.append(row)
     print("\n".join(rows))
     assert rows and not spilled, "\n".join(spilled)

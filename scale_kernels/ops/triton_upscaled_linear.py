@@ -226,17 +226,31 @@ def _backward_weight_flops(args, m, d_in, e_in, d_out, e_out) -> int:
 
 
 @triton.jit
-def _operand(ptr, n_rows, n_cols, stride_row, stride_col, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-             USE_TMA: tl.constexpr):  # fmt: skip
-    """A 2-D matrix in its storage orientation, read or written in ``BLOCK_ROWS x BLOCK_COLS`` blocks: a TMA
-    descriptor (USE_TMA: the launcher checked a unit column stride and a 16-byte aligned base and row stride)
-    or the tuple ``(ptr, n_rows, n_cols, stride_row, stride_col)`` for masked pointer access."""
+def _operand(matrix, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, USE_TMA: tl.constexpr):
+    """A 2-D ``matrix = (ptr, n_rows, n_cols, stride_row, stride_col)`` in its storage orientation as an operand
+    read or written in ``BLOCK_ROWS x BLOCK_COLS`` blocks: a TMA descriptor (USE_TMA: the launcher checked a
+    unit column stride and a 16-byte aligned base and row stride), else the tuple itself (pointer access)."""
     if USE_TMA:
+        ptr, n_rows, n_cols, stride_row, stride_col = matrix
         return tl.make_tensor_descriptor(
             ptr, shape=[n_rows, n_cols], strides=[stride_row, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
         )
     else:
-        return ptr, n_rows, n_cols, stride_row, stride_col
+        return matrix
+
+
+@triton.jit
+def _weight_operands(w, w12, w21, w22, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, HAS_W12: tl.constexpr,
+                     USE_TMA: tl.constexpr):  # fmt: skip
+    """The four weight matrices as operands (see ``_operand``). Without W12, W22 stands in for it: the W12
+    term's K range is then empty, so it is never read."""
+    w22_operand = _operand(w22, BLOCK_ROWS, BLOCK_COLS, USE_TMA)
+    if HAS_W12:
+        w12_operand = _operand(w12, BLOCK_ROWS, BLOCK_COLS, USE_TMA)
+    else:
+        w12_operand = w22_operand
+    w_operand = _operand(w, BLOCK_ROWS, BLOCK_COLS, USE_TMA)
+    return w_operand, w12_operand, _operand(w21, BLOCK_ROWS, BLOCK_COLS, USE_TMA), w22_operand
 
 
 @triton.jit
@@ -332,6 +346,35 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_SIZE_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _two_block_tile_count(M, N_LEFT, N_RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tiles of an ``M x (N_LEFT | N_RIGHT)`` output whose two column blocks (original features, expansion)
+    are tiled separately."""
+    return tl.cdiv(M, BLOCK_M) * (tl.cdiv(N_LEFT, BLOCK_N) + tl.cdiv(N_RIGHT, BLOCK_N))
+
+
+@triton.jit
+def _two_block_tile(tile, M, N_LEFT, N_RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP_SIZE_M: tl.constexpr):  # fmt: skip
+    """Tile ``tile`` of such an output in grouped order: its row offset, its column offset within its block,
+    and whether it is in the left block."""
+    tiles_left = tl.cdiv(N_LEFT, BLOCK_N)
+    tiles_n = tiles_left + tl.cdiv(N_RIGHT, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tiles_n, GROUP_SIZE_M)
+    left = pid_n < tiles_left
+    return pid_m * BLOCK_M, tl.where(left, pid_n, pid_n - tiles_left) * BLOCK_N, left
+
+
+@triton.jit
+def _route_scaled(acc, route_ptr, off_m, M, apply, HAS_ROUTE: tl.constexpr):
+    """``acc`` with row m scaled by the route ``r[off_m + m]`` if ``apply`` (a run-time flag), exactly (fp32,
+    NaN and inf propagate like the reference's ``r * term``); ``acc`` itself otherwise or without a route."""
+    if HAS_ROUTE:
+        if apply:
+            acc = acc * _load_vector(route_ptr, off_m, M, acc.shape[0])[:, None]
+    return acc
+
+
 # fmt: off
 # ----------------------------------------------------------------------------------------------------------
 # forward
@@ -357,38 +400,26 @@ def _forward_kernel(
 
     Every tile runs two K ranges into one accumulator: x1 against W12 (original columns; then the accumulator
     is scaled by the route) or W22, then x0 against W or W21."""
-    x0 = _operand(x_ptr, M, D_IN, stride_x_row, stride_x_col, BLOCK_M, BLOCK_K, USE_TMA)
-    x1 = _operand(x_ptr + D_IN * stride_x_col, M, E_IN, stride_x_row, stride_x_col, BLOCK_M, BLOCK_K, USE_TMA)
-    w = _operand(w_ptr, D_OUT, D_IN, stride_w_row, stride_w_col, BLOCK_N, BLOCK_K, USE_TMA)
-    w21 = _operand(w21_ptr, E_OUT, D_IN, stride_w21_row, stride_w21_col, BLOCK_N, BLOCK_K, USE_TMA)
-    w22 = _operand(w22_ptr, E_OUT, E_IN, stride_w22_row, stride_w22_col, BLOCK_N, BLOCK_K, USE_TMA)
-    if HAS_W12:
-        w12 = _operand(w12_ptr, D_OUT, E_IN, stride_w12_row, stride_w12_col, BLOCK_N, BLOCK_K, USE_TMA)
-    else:
-        w12 = w22  # never read: the W12 term's K range is empty
-    y0 = _operand(y_ptr, M, D_OUT, stride_y_row, stride_y_col, BLOCK_M, BLOCK_N, USE_TMA)
-    y1 = _operand(y_ptr + D_OUT * stride_y_col, M, E_OUT, stride_y_row, stride_y_col, BLOCK_M, BLOCK_N, USE_TMA)
-    k_w12 = E_IN if HAS_W12 else 0
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_orig = tl.cdiv(D_OUT, BLOCK_N)
-    tiles_n = tiles_orig + tl.cdiv(E_OUT, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS):
-        pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_SIZE_M)
-        orig = pid_n < tiles_orig  # a tile of y0, else of y1
-        off_m = pid_m * BLOCK_M
-        off_n = tl.where(orig, pid_n, pid_n - tiles_orig) * BLOCK_N
-        if HAS_ROUTE:
-            route = _load_vector(route_ptr, off_m, M, BLOCK_M)
+    x0 = _operand((x_ptr, M, D_IN, stride_x_row, stride_x_col), BLOCK_M, BLOCK_K, USE_TMA)
+    x1 = _operand((x_ptr + D_IN * stride_x_col, M, E_IN, stride_x_row, stride_x_col), BLOCK_M, BLOCK_K, USE_TMA)
+    w, w12, w21, w22 = _weight_operands(
+        (w_ptr, D_OUT, D_IN, stride_w_row, stride_w_col), (w12_ptr, D_OUT, E_IN, stride_w12_row, stride_w12_col),
+        (w21_ptr, E_OUT, D_IN, stride_w21_row, stride_w21_col), (w22_ptr, E_OUT, E_IN, stride_w22_row, stride_w22_col),
+        BLOCK_N, BLOCK_K, HAS_W12, USE_TMA)
+    y0 = _operand((y_ptr, M, D_OUT, stride_y_row, stride_y_col), BLOCK_M, BLOCK_N, USE_TMA)
+    y1 = _operand((y_ptr + D_OUT * stride_y_col, M, E_OUT, stride_y_row, stride_y_col), BLOCK_M, BLOCK_N, USE_TMA)
+    for tile in range(tl.program_id(0), _two_block_tile_count(M, D_OUT, E_OUT, BLOCK_M, BLOCK_N), NUM_SMS):
+        # orig: a tile of y0, else of y1
+        off_m, off_n, orig = _two_block_tile(tile, M, D_OUT, E_OUT, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for phase in range(2):
             first = phase == 0
             a = _pick(first, x1, x0)
             b = _pick(orig, _pick(first, w12, w), _pick(first, w22, w21))
-            k_end = tl.where(first, tl.where(orig, k_w12, E_IN), D_IN)
+            k_end = tl.where(first, tl.where(orig, E_IN if HAS_W12 else 0, E_IN), D_IN)
             acc = _accumulate_k_range(acc, a, b, off_m, off_n, 0, k_end, None, 0, A_IS_KM=False, B_IS_NK=True,
                                       BLOCK_K=BLOCK_K, USE_TMA=USE_TMA, PRECISION=PRECISION)
-            if HAS_ROUTE:  # r * (x1 W12^T), before x0 W^T is added (exactly the reference, NaN and inf included)
-                acc = acc * tl.where(first & orig, route, 1.0)[:, None]
+            acc = _route_scaled(acc, route_ptr, off_m, M, first & orig, HAS_ROUTE)  # r * (x1 W12^T), then x0 W^T
         if HAS_BIAS or HAS_BIAS_UP:
             n_bias = tl.where(orig, D_OUT if HAS_BIAS else 0, E_OUT if HAS_BIAS_UP else 0)
             acc = acc + _load_vector(_pick(orig, bias_ptr, bias_up_ptr), off_n, n_bias, BLOCK_N)[None, :]
@@ -423,37 +454,28 @@ def _backward_input_kernel(
     Partial row p holds ``sum_{c in block p} x1[m, c] * g[m, c]`` over the p-th block of DROUTE_COLS expansion
     columns. A tile of BLOCK_N columns writes its BLOCK_N // DROUTE_COLS rows, so every config writes every row
     and the buffer never holds a stale value from another config."""
-    dy0 = _operand(dy_ptr, M, D_OUT, stride_dy_row, stride_dy_col, BLOCK_M, BLOCK_K, USE_TMA)
-    dy1 = _operand(dy_ptr + D_OUT * stride_dy_col, M, E_OUT, stride_dy_row, stride_dy_col, BLOCK_M, BLOCK_K,
+    dy0 = _operand((dy_ptr, M, D_OUT, stride_dy_row, stride_dy_col), BLOCK_M, BLOCK_K, USE_TMA)
+    dy1 = _operand((dy_ptr + D_OUT * stride_dy_col, M, E_OUT, stride_dy_row, stride_dy_col), BLOCK_M, BLOCK_K,
                    USE_TMA)
-    w = _operand(w_ptr, D_OUT, D_IN, stride_w_row, stride_w_col, BLOCK_K, BLOCK_N, USE_TMA)
-    w21 = _operand(w21_ptr, E_OUT, D_IN, stride_w21_row, stride_w21_col, BLOCK_K, BLOCK_N, USE_TMA)
-    w22 = _operand(w22_ptr, E_OUT, E_IN, stride_w22_row, stride_w22_col, BLOCK_K, BLOCK_N, USE_TMA)
-    if HAS_W12:
-        w12 = _operand(w12_ptr, D_OUT, E_IN, stride_w12_row, stride_w12_col, BLOCK_K, BLOCK_N, USE_TMA)
-    else:
-        w12 = w22  # never read: the W12 term's K range is empty
-    dx0 = _operand(dx_ptr, M, D_IN, stride_dx_row, stride_dx_col, BLOCK_M, BLOCK_N, USE_TMA)
-    dx1 = _operand(dx_ptr + D_IN * stride_dx_col, M, E_IN, stride_dx_row, stride_dx_col, BLOCK_M, BLOCK_N, USE_TMA)
+    w, w12, w21, w22 = _weight_operands(
+        (w_ptr, D_OUT, D_IN, stride_w_row, stride_w_col), (w12_ptr, D_OUT, E_IN, stride_w12_row, stride_w12_col),
+        (w21_ptr, E_OUT, D_IN, stride_w21_row, stride_w21_col), (w22_ptr, E_OUT, E_IN, stride_w22_row, stride_w22_col),
+        BLOCK_K, BLOCK_N, HAS_W12, USE_TMA)
+    dx0 = _operand((dx_ptr, M, D_IN, stride_dx_row, stride_dx_col), BLOCK_M, BLOCK_N, USE_TMA)
+    dx1 = _operand((dx_ptr + D_IN * stride_dx_col, M, E_IN, stride_dx_row, stride_dx_col), BLOCK_M, BLOCK_N,
+                   USE_TMA)
     if NEED_DROUTE:
-        x1 = _operand(x_ptr + D_IN * stride_x_col, M, E_IN, stride_x_row, stride_x_col, BLOCK_M, BLOCK_N, USE_TMA)
-    k_w12 = D_OUT if HAS_W12 else 0
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_orig = tl.cdiv(D_IN, BLOCK_N)
-    tiles_n = tiles_orig + tl.cdiv(E_IN, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS):
-        pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_SIZE_M)
-        orig = pid_n < tiles_orig  # a tile of dx0, else of dx1
-        off_m = pid_m * BLOCK_M
-        off_n = tl.where(orig, pid_n, pid_n - tiles_orig) * BLOCK_N
-        if HAS_ROUTE:
-            route = _load_vector(route_ptr, off_m, M, BLOCK_M)
+        x1 = _operand((x_ptr + D_IN * stride_x_col, M, E_IN, stride_x_row, stride_x_col), BLOCK_M, BLOCK_N,
+                      USE_TMA)
+    for tile in range(tl.program_id(0), _two_block_tile_count(M, D_IN, E_IN, BLOCK_M, BLOCK_N), NUM_SMS):
+        # orig: a tile of dx0, else of dx1
+        off_m, off_n, orig = _two_block_tile(tile, M, D_IN, E_IN, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for phase in range(2):
             first = phase == 0
             a = _pick(first == orig, dy1, dy0)
             b = _pick(orig, _pick(first, w21, w), _pick(first, w12, w22))
-            k_end = tl.where(first == orig, E_OUT, tl.where(orig, D_OUT, k_w12))
+            k_end = tl.where(first == orig, E_OUT, tl.where(orig, D_OUT, D_OUT if HAS_W12 else 0))
             acc = _accumulate_k_range(acc, a, b, off_m, off_n, 0, k_end, None, 0, A_IS_KM=False, B_IS_NK=False,
                                       BLOCK_K=BLOCK_K, USE_TMA=USE_TMA, PRECISION=PRECISION)
             if NEED_DROUTE:
@@ -463,8 +485,7 @@ def _backward_input_kernel(
                     part = tl.sum(tl.reshape(x1_block * acc, (BLOCK_M, SUB, DROUTE_COLS)), axis=2)
                     parts = (droute_part_ptr, M, tl.cdiv(E_IN, DROUTE_COLS), 1, M)  # partial p of token m at p * M + m
                     _store_block(parts, off_m, off_n // DROUTE_COLS, part, False)
-            if HAS_ROUTE:  # r * (dy0 W12), before dy1 W22 is added
-                acc = acc * tl.where(first & ~orig, route, 1.0)[:, None]
+            acc = _route_scaled(acc, route_ptr, off_m, M, first & ~orig, HAS_ROUTE)  # r * (dy0 W12), then dy1 W22
         _store_block(_pick(orig, dx0, dx1), off_m, off_n, acc.to(dx_ptr.dtype.element_ty), USE_TMA)
 
 
@@ -497,8 +518,8 @@ def _backward_weight_kernel(
     weight rows are columns of dy (from D_OUT for dy1) and its weight columns columns of x (from D_IN for x1),
     read through one operand each; rows/columns past a gradient's edge are computed from the neighbouring block
     and dropped at the store."""
-    dy = _operand(dy_ptr, M, D_OUT + E_OUT, stride_dy_row, stride_dy_col, BLOCK_K, BLOCK_M, USE_TMA)
-    x = _operand(x_ptr, M, D_IN + E_IN, stride_x_row, stride_x_col, BLOCK_K, BLOCK_N, USE_TMA)
+    dy = _operand((dy_ptr, M, D_OUT + E_OUT, stride_dy_row, stride_dy_col), BLOCK_K, BLOCK_M, USE_TMA)
+    x = _operand((x_ptr, M, D_IN + E_IN, stride_x_row, stride_x_col), BLOCK_K, BLOCK_N, USE_TMA)
     tiles_up_rows = tl.cdiv(E_OUT, BLOCK_M)
     tiles_21 = tiles_up_rows * tl.cdiv(D_IN, BLOCK_N) if NEED_W21 else 0
     tiles_22 = tiles_up_rows * tl.cdiv(E_IN, BLOCK_N) if NEED_W22 else 0
@@ -681,14 +702,12 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
 def split_k(M: int, weight_tiles: int, num_sms: int) -> tuple[int, int]:
     """``(splits, tokens per split)`` of the weight-gradient launch, from the shape alone (never from timing).
 
-    ``weight_tiles`` counts the output tiles at 128 x 128. Below two tiles per SM the token dimension is cut
-    into up to MAX_SPLIT_K ranges of a multiple of SPLIT_K_TOKENS tokens (so no K block straddles two), enough
-    for about two tiles per SM."""
-    if M <= SPLIT_K_TOKENS or weight_tiles == 0 or weight_tiles >= 2 * num_sms:
-        return 1, _cdiv(max(M, 1), SPLIT_K_TOKENS) * SPLIT_K_TOKENS
-    splits = min(_cdiv(2 * num_sms, weight_tiles), _cdiv(M, SPLIT_K_TOKENS), MAX_SPLIT_K)
-    per_split = _cdiv(_cdiv(M, splits), SPLIT_K_TOKENS) * SPLIT_K_TOKENS
-    return _cdiv(M, per_split), per_split
+    ``weight_tiles`` counts the output tiles at 128 x 128. Below two tiles per SM the M tokens are cut into up
+    to MAX_SPLIT_K ranges of a multiple of SPLIT_K_TOKENS tokens (so no K block straddles two), enough for
+    about two tiles per SM."""
+    splits = min(_cdiv(2 * num_sms, max(weight_tiles, 1)), _cdiv(M, SPLIT_K_TOKENS), MAX_SPLIT_K)
+    per_split = _cdiv(_cdiv(M, max(splits, 1)), SPLIT_K_TOKENS) * SPLIT_K_TOKENS
+    return max(_cdiv(M, per_split), 1), per_split
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
