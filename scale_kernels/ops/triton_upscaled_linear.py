@@ -65,10 +65,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel family and size class: 16-bit operands with
 # at most DECODE_MAX_TOKENS tokens ("decode") or more ("prefill"), and fp32 operands (any size; fp32 dots
 # without TF32 run on CUDA cores, and larger tiles spill there). The first tile of each class is the pinned
-# config of the deterministic mode. Register use, from ptxas for sm_90 (triton 3.6 and 3.9, bf16 and fp32, the
-# Route variant, TMA and pointer paths): no tile spills (128x256 holds its one fp32 accumulator in 156-166
-# registers per thread; the old two-accumulator kernels spilled there), except 128x256 when d(route) is
-# computed on the pointer path, so the pruner skips 128x256 for d(route).
+# config of the deterministic mode. Register use from ptxas for sm_90 (tests/triton_sm90_compile.py --all:
+# every tile and variant, triton 3.6 and 3.9): on the TMA path no spill (128x256 holds its one fp32
+# accumulator in at most 166 registers per thread; the old two-accumulator kernels spilled 424+ bytes there);
+# on the pointer path at most 24 bytes in a few tiles, and 344 bytes at 128x256 with d(route), which the
+# pruner therefore skips.
 DECODE_MAX_TOKENS = 64
 MN_TILES = {  # forward and dx: output (tokens x features), K = features
     "prefill": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
