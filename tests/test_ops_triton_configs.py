@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_within_reference_tolerance, make_operands, triton_usable
+from helpers import assert_matches_reference, assert_within_reference_tolerance, make_operands, triton_usable
 
 from scale_kernels import backends
 
@@ -128,6 +128,19 @@ def test_every_config_matches_reference(monkeypatch, kernel, tile, layout):
     seen = _record_tma(monkeypatch)
     assert_kernel_matches_reference(kernel, sizes, dtype)
     assert seen == [tma]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [dict(d_in=48, e_in=24, d_out=40, e_out=0), dict(d_in=48, e_in=24, d_out=0, e_out=16)],
+    ids=["lm_head", "d_out0"],
+)
+def test_tma_path_with_an_empty_block(monkeypatch, sizes):
+    """An LM head (no expansion outputs) or an empty original block keeps the TMA path (the empty operands get
+    well-formed descriptors that are never read) and matches the reference."""
+    seen = _record_tma(monkeypatch)
+    assert_matches_reference(make_operands(lead=(37,), **sizes, route="soft"), torch.float16, "triton")
+    assert seen and all(seen), seen
 
 
 def _fixed_order_bench():

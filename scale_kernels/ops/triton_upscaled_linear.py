@@ -230,11 +230,14 @@ def _backward_weight_flops(args, m, d_in, e_in, d_out, e_out) -> int:
 def _operand(matrix, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, USE_TMA: tl.constexpr):
     """A 2-D ``matrix = (ptr, n_rows, n_cols, stride_row, stride_col)`` in its storage orientation as an operand
     read or written in ``BLOCK_ROWS x BLOCK_COLS`` blocks: a TMA descriptor (USE_TMA: the launcher checked a
-    unit column stride and a 16-byte aligned base and row stride), else the tuple itself (pointer access)."""
+    unit column stride and a 16-byte aligned base and row stride), else the tuple itself (pointer access).
+    An empty matrix (an LM head's expansion outputs, a layer whose input is not widened) is never accessed:
+    its descriptor gets a nominal extent of 1 to stay well-formed."""
     if USE_TMA:
         ptr, n_rows, n_cols, stride_row, stride_col = matrix
+        shape = [tl.maximum(n_rows, 1), tl.maximum(n_cols, 1)]
         return tl.make_tensor_descriptor(
-            ptr, shape=[n_rows, n_cols], strides=[stride_row, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
+            ptr, shape=shape, strides=[stride_row, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
         )
     else:
         return matrix
@@ -583,17 +586,18 @@ def _device_has_tma(device: torch.device) -> bool:
 TMA_ENABLED = os.environ.get("SCALE_KERNELS_TRITON_TMA", "1") != "0"
 
 
-def _tma_eligible(device: torch.device, *matrices: tuple[torch.Tensor, int, int]) -> bool:
-    """Whether every ``(tensor, first_col, n_cols)`` column range can be a TMA descriptor: 16-bit elements (fp32
-    runs on the pointer path: its dots read registers, and TMA tiles of 4-byte elements outgrow shared memory)
-    and a non-empty 2-D range with unit column stride and a 16-byte aligned start and row stride."""
+def _tma_eligible(device: torch.device, *matrices: tuple[torch.Tensor, int]) -> bool:
+    """Whether every ``(tensor, first_col)`` (its columns from ``first_col`` on, possibly none) can be a TMA
+    descriptor: 16-bit elements (fp32 runs on the pointer path: its dots read registers, and TMA tiles of
+    4-byte elements outgrow shared memory), unit column stride, 16-byte aligned start and row stride."""
     if not (TMA_ENABLED and _device_has_tma(device)) or matrices[0][0].element_size() != 2:
         return False
-    for t, first_col, n_cols in matrices:
+    for t, first_col in matrices:
         size = t.element_size()
-        if t.shape[0] == 0 or n_cols == 0 or t.stride(1) != 1 or t.stride(0) < t.shape[1]:
+        stride_row, stride_col = t.stride()
+        if stride_col != 1 or stride_row < t.shape[1] or (stride_row * size) % 16:
             return False
-        if (t.stride(0) * size) % 16 or (t.data_ptr() + first_col * size) % 16:
+        if (t.data_ptr() + first_col * size) % 16:
             return False
     return True
 
@@ -654,8 +658,8 @@ def forward(x, w, w21, w22, w12, bias, bias_up, route) -> torch.Tensor:
     if M == 0 or d_out + e_out == 0:
         return y
     has_w12 = w12 is not None and e_in > 0
-    weights = [(w, 0, d_in), (w21, 0, d_in), (w22, 0, e_in)] + ([(w12, 0, e_in)] if has_w12 else [])
-    use_tma = _tma_eligible(x.device, (x, 0, d_in), (x, d_in, e_in), (y, 0, d_out), (y, d_out, e_out), *weights)
+    weights = [(w, 0), (w21, 0), (w22, 0)] + ([(w12, 0)] if has_w12 else [])
+    use_tma = _tma_eligible(x.device, (x, 0), (x, d_in), (y, 0), (y, d_out), *weights)
     _prepare_tma(use_tma)
     num_sms = _num_sms(x.device)
     _forward_kernel[_persistent_grid(num_sms, M, d_out, e_out)](
@@ -683,9 +687,8 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
     n_parts = _cdiv(e_in, DROUTE_COLS) if need_droute and has_w12 and d_out > 0 else 0
     parts = torch.empty(n_parts, M, dtype=torch.float32, device=dy.device)
     if M > 0 and d_in + e_in > 0:
-        weights = [(w, 0, d_in), (w21, 0, d_in), (w22, 0, e_in)] + ([(w12, 0, e_in)] if has_w12 else [])
-        activations = [(dy, 0, d_out), (dy, d_out, e_out), (dx, 0, d_in), (dx, d_in, e_in)]
-        activations += [(x, d_in, e_in)] if n_parts else []
+        weights = [(w, 0), (w21, 0), (w22, 0)] + ([(w12, 0)] if has_w12 else [])
+        activations = [(dy, 0), (dy, d_out), (dx, 0), (dx, d_in)] + ([(x, d_in)] if n_parts else [])
         use_tma = _tma_eligible(dy.device, *activations, *weights)
         _prepare_tma(use_tma)
         num_sms = _num_sms(dy.device)
@@ -735,7 +738,7 @@ def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w2
     out = {k: outs.get(k, placeholder) for k in shapes}
     split_stride = {k: t.stride(0) if splits > 1 else 0 for k, t in out.items()}
     # one descriptor each over dy and x, read at column offsets d_out and d_in (which must be 16-byte aligned)
-    use_tma = _tma_eligible(dy.device, (dy, 0, d_out), (dy, d_out, e_out), (x, 0, d_in), (x, d_in, e_in))
+    use_tma = _tma_eligible(dy.device, (dy, 0), (dy, d_out), (x, 0), (x, d_in))
     _prepare_tma(use_tma)
 
     def grid(meta):
@@ -749,7 +752,8 @@ def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w2
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         split_stride["w21"], out["w21"].stride(-2), split_stride["w22"], out["w22"].stride(-2),
         split_stride["w12"], out["w12"].stride(-2),
-        NEED_W21=launch["w21"], NEED_W22=launch["w22"], NEED_W12=launch["w12"], HAS_ROUTE=route is not None,
+        NEED_W21=launch["w21"], NEED_W22=launch["w22"], NEED_W12=launch["w12"],
+        HAS_ROUTE=route is not None and launch["w12"],  # the route scales dW12's dy0 only
         USE_TMA=use_tma, PRECISION=_precision(dy.dtype), NUM_SMS=num_sms,
     )  # fmt: skip
     if splits > 1:  # fixed-order reduction of the split partials: deterministic
