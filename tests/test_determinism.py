@@ -1,6 +1,6 @@
 """Determinism: same seed -> bitwise identical results (torch backend); the Triton kernels are bitwise
-reproducible run to run (no atomics, no split-K). Where they are not across processes on a GPU (the autotuner
-may pick another tile config), see docs/compatibility.md.
+reproducible run to run (no atomics; split-K partials are summed in a fixed order). Where they are not across
+processes on a GPU (the autotuner may pick another tile config), see docs/compatibility.md.
 """
 
 from __future__ import annotations
