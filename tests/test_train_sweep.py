@@ -74,10 +74,15 @@ def test_seed_noise_turns_small_differences_into_a_noise_verdict():
         _point("full", 1e-5, 40.0, 41.0),
         _point("scale", 1e-3, 20.0, 46.5),
         _point("scale", 1e-4, 40.0, 40.5),
+        _point("partly", 1e-3, 20.0, 40.0),  # 17.5 points less at 20 (beyond noise), 1.25 less at 40 (within)
+        _point("partly", 1e-4, 40.0, 40.5),
+        _point("worse", 1e-3, 20.0, 60.0),
+        _point("worse", 1e-4, 40.0, 44.0),
     ]
     noise = report.seed_noise(pts)
     assert noise["full"] == pytest.approx(5.0) and noise["scale"] is None
-    assert report.matched(report.curves(pts), noise)["scale"]["verdict"] == "within seed noise"
+    verdicts = {k: v["verdict"] for k, v in report.matched(report.curves(pts), noise).items()}
+    assert verdicts == {"scale": "within seed noise", "partly": "mixed", "worse": "more"}
 
 
 def test_grid_runs_every_lr_once_and_the_last_lr_with_every_seed():
@@ -207,3 +212,24 @@ def test_headline_words_follow_the_numbers():
         {"points": worse, "curves": curves, "matched": report.matched(curves, report.seed_noise(worse))}
     )
     assert lines[-1].endswith("none forgets less than full fine-tuning at matched adaptation (beyond seed noise).")
+
+
+def test_a_sweep_stopped_early_stops_its_runs_processes():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sweep._CHILDREN.add(child)
+    try:
+        with pytest.raises(KeyboardInterrupt), sweep._stopping_children_on_exit():
+            raise KeyboardInterrupt
+        assert child.wait(timeout=30) != 0  # terminated, not finished
+    finally:
+        sweep._CHILDREN.discard(child)
+        if child.poll() is None:
+            child.kill()
+
+
+def test_in_process_runs_cannot_run_in_parallel(tmp_path):
+    with pytest.raises(ValueError, match="jobs > 1 needs subprocess_run=True"):
+        run_sweep(TrainConfig(), [], tmp_path, jobs=2, subprocess_run=False)

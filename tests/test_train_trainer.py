@@ -98,6 +98,12 @@ def test_method_learns_preserves_at_init_and_keeps_frozen_weights(files, tmp_pat
     after = results["after"]["views"]["adapt_path"] if cfg.routed else results["after"]
     assert after["new"]["ppl"] < results["before"]["new"]["ppl"]
     assert results["before"]["old"]["kl_base"] == 0.0 and results["before"]["old"]["top1_base"] == 1.0
+    assert after["old"]["kl_base"] > 0.0  # measured against the base model, not the trained one
+    if method == "full":  # the base reference keeps its own copy of the (now trained) head
+        base, _ = load_model_and_tokenizer(cfg.model)
+        with torch.no_grad():
+            expected = base(trainer.data.old.ids[:2]).logits
+        assert torch.allclose(trainer.base.logits("old", slice(0, 2)), expected, rtol=0, atol=1e-6)
     for name, p in model.named_parameters():
         if name in frozen:
             assert p.grad is None, name

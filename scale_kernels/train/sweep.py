@@ -15,11 +15,14 @@ every invocation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -112,6 +115,39 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+_CHILDREN: set[subprocess.Popen] = set()  # the runs' processes, stopped when the sweep stops early
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _stop_children() -> None:
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        proc.terminate()
+    for proc in children:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def _stopping_children_on_exit():
+    """Stop the runs' processes when the sweep ends early (an error, Ctrl-C, or SIGTERM in the main thread):
+    a later invocation resumes them from their checkpoints instead of racing orphans."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    except BaseException:
+        _stop_children()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_one(cfg: TrainConfig, *, subprocess_run: bool = True) -> dict[str, Any]:
     """Train ``cfg`` (in a subprocess logging to ``<output_dir>/train.log`` by default), return its results.
     Raises RuntimeError when the run fails."""
@@ -128,9 +164,16 @@ def run_one(cfg: TrainConfig, *, subprocess_run: bool = True) -> dict[str, Any]:
     if cfg.threads is not None:  # also the BLAS/OpenMP pools, before torch starts them
         env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     with open(out / "train.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}; see {out / 'train.log'}")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            returncode = proc.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    if returncode != 0:
+        raise RuntimeError(f"exit {returncode}; see {out / 'train.log'}")
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
@@ -193,6 +236,8 @@ def run_sweep(
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    if jobs > 1 and not subprocess_run:
+        raise ValueError("jobs > 1 needs subprocess_run=True (runs in one process would share torch's global state)")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"two runs of the sweep share a name: {sorted(n for n in names if names.count(n) > 1)}")
@@ -224,7 +269,8 @@ def run_sweep(
     def launch(spec: RunSpec) -> dict[str, Any]:
         return run_one(configs[spec.name], subprocess_run=subprocess_run)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    # the pool waits for its threads on exit, so the children must be stopped first (the inner context)
+    with ThreadPoolExecutor(max_workers=jobs) as pool, _stopping_children_on_exit():
         pending: dict[Future, RunSpec] = {}
         queue = list(todo)
         while queue or pending:
