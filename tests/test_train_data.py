@@ -110,8 +110,9 @@ def test_evaluation_excludes_boundary_targets_and_reports_both():
 
     base_logits = torch.randn(2, 6, vocab)
     sources = {"first": slice(0, 1), "second": slice(1, 2)}
-    out = evaluate(predict, data, batch_size=2, device=torch.device("cpu"), base=lambda rows: base_logits[rows],
-                   sources=sources)
+    out = evaluate(
+        predict, data, batch_size=2, device=torch.device("cpu"), base=lambda rows: base_logits[rows], sources=sources
+    )
     model, first = out["model"], out["model"]["by_source"]["first"]
     assert first["tokens"] == 3 and first["tokens_all"] == 5 and model["tokens"] == 8 and model["tokens_all"] == 10
     assert first["ppl"] == pytest.approx(vocab) and first["ppl_all"] > 10 * vocab
@@ -275,3 +276,21 @@ def test_hf_dataset_source(monkeypatch):
     assert calls == [("some/corpus", "validation")]
     with pytest.raises(ValueError, match="has no column 'body'"):
         load_documents(["hf:some/corpus:train:body"])
+
+
+def test_a_prediction_routed_between_two_paths_equals_its_selected_logits():
+    ids = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(0))
+    data = PackedText(ids, torch.zeros(2, 6, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(1)
+    preserve, adapt, base = (torch.randn(2, 6, 8, generator=gen) for _ in range(3))
+    route = torch.rand(2, 6, generator=gen) < 0.5
+
+    def predict(batch, base_logits):
+        return {
+            "paths": Prediction(route=route, paths=(preserve, adapt)),
+            "selected": Prediction(torch.where(route[..., None], adapt, preserve), route),
+        }
+
+    out = evaluate(predict, data, batch_size=2, device=torch.device("cpu"), base=lambda rows: base[rows])
+    assert out["paths"] == pytest.approx(out["selected"], rel=1e-6)
+    assert 0 < out["paths"]["route_adapt_fraction"] < 1

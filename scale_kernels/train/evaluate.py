@@ -48,24 +48,55 @@ def causal_lm_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 @dataclass
 class Prediction:
-    """One way of predicting a batch: ``logits (b, t, vocab)`` and, for routed predictions, ``route (b, t)``
-    bool (True = the token was predicted by the adaptation path)."""
+    """One way of predicting a batch: ``logits (b, t, vocab)``; or, for a prediction that picks per token one
+    of two paths, ``paths = (preserve, adapt)`` logits and ``route (b, t)`` bool (True = adaptation path).
+    ``route`` with ``logits``: the share of targets to report as routed to adaptation."""
 
-    logits: Tensor
+    logits: Tensor | None = None
     route: Tensor | None = None
+    paths: tuple[Tensor, Tensor] | None = None
 
 
-def _target_stats(pred: Prediction, ids: Tensor, base_logp: Tensor | None) -> dict[str, Tensor]:
-    """Per-target ``(b, t-1)`` values of one prediction: ``nll``; with a base ``kl`` and ``top1``; if routed
-    ``routed``. ``base_logp (b, t-1, vocab)``: the base model's next-token log-probabilities."""
-    logp = torch.log_softmax(pred.logits[:, :-1].float(), dim=-1)
-    stats = {"nll": -logp.gather(-1, ids[:, 1:, None])[..., 0]}
-    if base_logp is not None:
-        stats["kl"] = (base_logp.exp() * (base_logp - logp)).sum(-1)
-        stats["top1"] = (base_logp.argmax(-1) == logp.argmax(-1)).float()
-    if pred.route is not None:
-        stats["routed"] = pred.route[:, :-1].float()
-    return stats
+class _BatchStats:
+    """Per-target ``(b, t-1)`` values of the predictions of one batch: ``nll``, and with a base model ``kl``
+    (KL(base || prediction)) and ``top1`` (same top-1 token as the base model), ``routed`` for routed ones.
+
+    Each distinct logits tensor is normalised once (a routed prediction and the views of the same two paths
+    share them); ``KL = sum p_base log p_base - sum p_base log p`` with the first term computed once.
+    """
+
+    def __init__(self, ids: Tensor, base_logits: Tensor | None):
+        self.targets = ids[:, 1:, None]
+        self.cache: dict[int, dict[str, Tensor]] = {}
+        self.base = None
+        if base_logits is not None:
+            base_logp = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
+            base_p = base_logp.exp()
+            self.base = (base_p, (base_p * base_logp).sum(-1), base_logp.argmax(-1))
+
+    def _of_logits(self, logits: Tensor) -> dict[str, Tensor]:
+        key = id(logits)
+        if key not in self.cache:
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            stats = {"nll": -logp.gather(-1, self.targets)[..., 0]}
+            if self.base is not None:
+                base_p, base_neg_entropy, base_top1 = self.base
+                stats["kl"] = base_neg_entropy - (base_p * logp).sum(-1)
+                stats["top1"] = (logp.argmax(-1) == base_top1).float()
+            self.cache[key] = stats
+        return self.cache[key]
+
+    def of(self, pred: Prediction) -> dict[str, Tensor]:
+        if pred.paths is None:
+            stats = dict(self._of_logits(pred.logits))
+        else:
+            if pred.route is None:
+                raise ValueError("a prediction with two paths needs its route")
+            preserve, adapt = (self._of_logits(x) for x in pred.paths)
+            stats = {k: torch.where(pred.route[:, :-1], adapt[k], preserve[k]) for k in preserve}
+        if pred.route is not None:
+            stats["routed"] = pred.route[:, :-1].float()
+        return stats
 
 
 @dataclass
@@ -133,11 +164,11 @@ def evaluate(
         content = ~data.boundary[rows, 1:].to(device)
         everything = torch.ones_like(content)
         base_logits = base(rows) if base is not None else None
-        base_logp = torch.log_softmax(base_logits[:, :-1].float(), dim=-1) if base is not None else None
         with autocast_context(device, precision):
             predictions = predict(ids, base_logits)
+        batch = _BatchStats(ids, base_logits)
         for name, pred in predictions.items():
-            stats = _target_stats(pred, ids, base_logp)
+            stats = batch.of(pred)
             totals.setdefault(name, _Totals()).add(stats, content, everything)
             for source, span in (sources or {}).items():
                 index = row_index[rows]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +121,19 @@ class MethodSetup:
             logits = self._logits(ids)
             out = {"model": Prediction(logits)}
             if self.policy is not None and base_logits is not None:  # the exact base vs this model, per token
-                out["gated_rule"] = Prediction(*self.policy.select(base_logits, logits))
+                paths = (base_logits, logits)
+                out["gated_rule"] = Prediction(route=self.policy.route_from_logits(*paths), paths=paths)
             return out
         if base_logits is not None and not self.preserve_path_trains:
-            preserve, adapt = base_logits, self._logits(ids, scale_route=True)
+            paths = (base_logits, self._logits(ids, scale_route=True))
         else:
-            preserve, adapt = self._path_logits(ids)
-        other = replace(self.policy, inverted=not self.policy.inverted)
+            paths = self._path_logits(ids)
+        route = self.policy.route_from_logits(*paths)
+        other = "paper_rule" if self.policy.inverted else "inverted_rule"  # the same threshold, inverted
         return {
-            "model": Prediction(*self.policy.select(preserve, adapt)),
-            "adapt_path": Prediction(adapt, torch.ones(ids.shape, dtype=torch.bool, device=ids.device)),
-            ("inverted_rule" if other.inverted else "paper_rule"): Prediction(*other.select(preserve, adapt)),
+            "model": Prediction(route=route, paths=paths),
+            "adapt_path": Prediction(paths[1], torch.ones(ids.shape, dtype=torch.bool, device=ids.device)),
+            other: Prediction(route=~route, paths=paths),
         }
 
     def save_final(self, directory: Path) -> None:

@@ -445,7 +445,7 @@ class Trainer:
             session_seconds += elapsed
             session_tokens += self.tokens_seen - start_tokens
             self.step += 1
-            record = {"step": self.step, "loss": loss, "lr": lr}
+            record = {"step": self.step, "loss": loss, "lr": lr, "seconds": elapsed}
             if self.last_route_fraction is not None:
                 record["route_adapt_fraction"] = self.last_route_fraction
             self.losses.append(record)
