@@ -212,6 +212,11 @@ def test_headline_words_follow_the_numbers():
         {"points": worse, "curves": curves, "matched": report.matched(curves, report.seed_noise(worse))}
     )
     assert lines[-1].endswith("none forgets less than full fine-tuning at matched adaptation (beyond seed noise).")
+    apart = [dict(p, new_ppl_after=p["new_ppl_after"] * 3) if p["label"] == "scale-route" else p for p in pts]
+    curves = report.curves(apart)
+    lines = report.headline({"points": apart, "curves": curves, "matched": report.matched(curves, {})})
+    assert "outside full fine-tuning's measured range 20.00-40.00: no matched comparison" in lines[-2]
+    assert lines[-1].startswith("Among the trained SCALE variants: no matched comparison is possible")
 
 
 def test_a_sweep_stopped_early_stops_its_runs_processes():

@@ -340,18 +340,23 @@ def headline(comparison: dict[str, Any]) -> list[str]:
     for group, title in ((trained, "trained SCALE variants"), (views, "eval-only views of SCALE runs")):
         for label, m in group.items():
             lines.append(_verdict_sentence(label, m))
-        less = [label for label, m in group.items() if m["verdict"] == "less"]
         if group:
-            lines.append(
-                f"Among the {title}: "
-                + (
-                    f"yes, {_join(less)} forget{'s' if len(less) == 1 else ''} less than full fine-tuning at matched "
-                    "adaptation."
-                    if less
-                    else "none forgets less than full fine-tuning at matched adaptation (beyond seed noise)."
-                )
-            )
+            lines.append(f"Among the {title}: {_group_answer(group)}")
     return lines
+
+
+def _group_answer(group: dict[str, dict[str, Any]]) -> str:
+    """Whether any of ``group`` forgets less than full fine-tuning at matched adaptation, in words."""
+    less = [label for label, m in group.items() if m["verdict"] == "less"]
+    if less:
+        verb = "forgets" if len(less) == 1 else "forget"
+        return f"yes, {_join(less)} {verb} less than full fine-tuning at matched adaptation."
+    if all(m["verdict"] == "no overlap" for m in group.values()):
+        return (
+            "no matched comparison is possible: none reaches a new-domain perplexity inside full fine-tuning's "
+            "measured range, so none is shown to forget less than full fine-tuning at matched adaptation."
+        )
+    return "none forgets less than full fine-tuning at matched adaptation (beyond seed noise)."
 
 
 def _verdict_sentence(label: str, m: dict[str, Any]) -> str:
