@@ -14,6 +14,11 @@ from scale_kernels.train import cli, corpora, models
 from scale_kernels.train.testing import SAMPLE_TEXT, make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# data and budget flags of a two-step run on the tiny model (files new.txt / old.txt in the working folder)
+TINY_RUN = (
+    "--train-data new.txt --eval-new new.txt --eval-old old.txt --seq-len 16 --batch-size 2 --steps 2 "
+    "--eval-sequences 2"
+)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -122,39 +127,13 @@ def test_sweep_runs_parallel_processes_from_the_command_line(tmp_path):
     make_tiny_model_dir(tmp_path / "model")
     (tmp_path / "old.txt").write_text(SAMPLE_TEXT * 4, encoding="utf-8")
     (tmp_path / "new.txt").write_text("In the beginning was the Word. " * 40, encoding="utf-8")
-    proc = _cli(
-        "sweep",
-        "--model",
-        "model",
-        "--train-data",
-        "new.txt",
-        "--eval-new",
-        "new.txt",
-        "--eval-old",
-        "old.txt",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--eval-sequences",
-        "2",
-        "--variants",
-        "full",
-        "--seeds",
-        "0",
-        "--jobs",
-        "2",
-        "--out",
-        "out",
-        cwd=tmp_path,
-    )
+    flags = "--variants full --seeds 0 --jobs 2 --out out --model model " + TINY_RUN
+    proc = _cli("sweep", *flags.split(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[sweep] 2 runs (0 already done), 2 at once" in proc.stdout and "Pareto front" in proc.stdout
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert sorted(r["lr"] for r in comparison["runs"]) == [2e-5, 1e-4]
-    assert comparison["meta"]["command"].startswith("python -m scale_kernels.train sweep --model model")
+    assert comparison["meta"]["command"] == "python -m scale_kernels.train sweep " + flags
     assert (tmp_path / "out" / "runs" / "full_lr0.0001_s0" / "train.log").read_text().count("] step ") == 2
 
 
@@ -164,6 +143,8 @@ def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
     make_tiny_model_dir(tmp_path / "model")
     (tmp_path / "t.txt").write_text(SAMPLE_TEXT * 6, encoding="utf-8")
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    flags = f"--model {tmp_path / 'model'} --method freeze --progress false --output-dir {tmp_path / 'out'} "
+    flags += TINY_RUN.replace("new.txt", str(tmp_path / "t.txt")).replace("old.txt", str(tmp_path / "t.txt"))
     cmd = [
         sys.executable,
         "-m",
@@ -173,28 +154,7 @@ def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
         "-m",
         "scale_kernels.train",
         "train",
-        "--model",
-        str(tmp_path / "model"),
-        "--method",
-        "freeze",
-        "--train-data",
-        str(tmp_path / "t.txt"),
-        "--eval-new",
-        str(tmp_path / "t.txt"),
-        "--eval-old",
-        str(tmp_path / "t.txt"),
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--eval-sequences",
-        "2",
-        "--progress",
-        "false",
-        "--output-dir",
-        str(tmp_path / "out"),
+        *flags.split(),
     ]
     proc = subprocess.run(
         cmd,
