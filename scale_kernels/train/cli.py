@@ -272,7 +272,7 @@ def _uses_bundled_pieces(cfg: TrainConfig) -> bool:
 
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     """``sweep``, ``compare`` and ``demo``: train the runs, write the report, print its headline."""
-    from .report import demo_conclusion
+    from .report import demo_conclusion, preservation_sentence
     from .sweep import run_sweep
 
     preset = {"compare": None, "demo": DEMO_PRESET, "sweep": SWEEP_PRESET}[args.command]
@@ -294,7 +294,7 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         cfg, runs, args.out, jobs=args.jobs, results_dir=args.results, reuse=not args.no_reuse, meta=meta
     )
     print()
-    for line in comparison["headline"]:
+    for line in [preservation_sentence(comparison["runs"]), *comparison["headline"]]:
         print(line)
     if args.command == "demo":
         print()

@@ -406,6 +406,17 @@ TABLE_HEAD = (
 )
 
 
+def preservation_sentence(runs: list[dict[str, Any]]) -> str:
+    """Every run's check that its prepared model computes the base model at step 0, in one sentence."""
+    if not runs:
+        return ""
+    worst = max(runs, key=lambda r: r["init_max_abs_logit_diff"])
+    return (
+        f"Every run started from the base model's function: the largest |Δ logits| between a prepared model "
+        f"and the base model at step 0 was {worst['init_max_abs_logit_diff']:.2g} ({worst['name']})."
+    )
+
+
 def _source_summary(runs: list[dict[str, Any]]) -> str:
     """A bullet: the range of the old-domain change per source over the trained runs (or '')."""
     sources = list(runs[0]["old_by_source"]) if runs else []
@@ -487,7 +498,8 @@ def readme(comparison: dict[str, Any]) -> str:
         "## Runs",
         "",
         "Perplexities are boundary-excluded; changes are relative to the base model. KL and top-1 agreement "
-        "are measured against the base model on the old domain (0 and 100% for the base model).",
+        "are measured against the base model on the old domain (0 and 100% for the base model). "
+        + preservation_sentence(runs),
         "",
         TABLE_HEAD,
     ]
