@@ -292,15 +292,17 @@ class ScaleLMHead(ScaleLinear):
     """Expanded LM head: ``logits = W_head h + W_head_up h_up`` (``e_out = 0``).
 
     ``W_head_up`` is stored as ``weight_12 (vocab, e)``, zero-initialised and trainable in every mode (it
-    is how the expansion reaches the output, SCALE-Preserve included). The route mask never gates it; only
-    :func:`scale_kernels.original_stream` switches it off. ``weight`` may be the (tied) input embedding.
+    is how the expansion reaches the output, SCALE-Preserve included). By default the route mask does not
+    gate it (only :func:`scale_kernels.original_stream` switches it off); a *gated* head (``routable =
+    True``, ``upscale_model(..., gate_head=True)``) is gated by the model-level route mask like a W12 term,
+    so route 0 gives exactly the base model's logits. ``weight`` may be the (tied) input embedding.
 
     :meth:`causal_lm_loss` computes HF's causal-LM loss of the head's logits with the fused head +
     cross-entropy (logits never materialised). An upscaled model uses it automatically in training (see
     :mod:`scale_kernels.models.fused_loss`) by setting :attr:`pending_loss` before its forward.
     """
 
-    routable = False
+    routable = False  # per instance: from_head(..., gated=True) sets it
 
     def __init__(
         self,
@@ -392,12 +394,16 @@ class ScaleLMHead(ScaleLinear):
         return loss
 
     @classmethod
-    def from_head(cls, linear: nn.Linear, extra_in: int) -> ScaleLMHead:
-        """Wrap a pretrained head (``weight`` reused, so a tied embedding stays tied); ``W_head_up = 0``."""
-        return cls.from_linear(linear, extra_in, 0, mode="adapt", init="zeros")
+    def from_head(cls, linear: nn.Linear, extra_in: int, *, gated: bool = False) -> ScaleLMHead:
+        """Wrap a pretrained head (``weight`` reused, so a tied embedding stays tied); ``W_head_up = 0``.
+        ``gated``: the model-level route mask gates ``W_head_up`` (route 0 = the base logits)."""
+        head = cls.from_linear(linear, extra_in, 0, mode="adapt", init="zeros")
+        head.routable = gated
+        return head
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}+{self.extra_in}, vocab={self.out_features}, head_up=trainable"
+        gate = "gated by the route" if self.routable else "ungated"
+        return f"in_features={self.in_features}+{self.extra_in}, vocab={self.out_features}, head_up={gate}"
 
 
 class ScaleRMSNorm(nn.Module):

@@ -9,12 +9,16 @@ Primary way to pass a route mask: a keyword of the upscaled model's forward (and
 ``(batch, seq)`` bool mask / float gate. During cached decoding the model sees only the new tokens: a
 ``(batch, L)`` mask with ``L`` larger than the current input is sliced at the cache position, so one
 mask covering prompt + generated tokens works with ``generate``. The mask gates the W12 term of every
-layer that has one (the LM head's ``W_head_up`` is never gated). It stays attached to the model until
-its next forward, so gradient-checkpointing recomputation in ``backward`` sees the same mask.
+layer that has one; the LM head's ``W_head_up`` only when the model was upscaled with
+``gate_head=True`` (then route 0 everywhere is exactly the base model, head included). It stays attached
+to the model until its next forward, so gradient-checkpointing recomputation in ``backward`` sees the
+same mask.
 
 :class:`RoutePolicy` implements the paper's fixed rule: a token takes the preservation path (route 0)
 when the cosine similarity of its preserve-path and adapt-path next-token distributions is ``>= tau``
-(0.5 in the paper), and the adaptation path (route 1) otherwise.
+(0.5 in the paper), and the adaptation path (route 1) otherwise (``inverted=True``: the opposite, an
+ablation). It yields a mask for the model forward (:meth:`RoutePolicy.compute_route`) or picks, per
+token, the output of one of the two paths (:meth:`RoutePolicy.select`).
 """
 
 from __future__ import annotations
@@ -100,8 +104,8 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
         return args, kwargs
     if not getattr(module, "scale_has_route", False):
         raise ValueError(
-            f"{ROUTE_KWARG} was given but this upscaled model has no W12 term to route "
-            "(mode='preserve'); upscale with mode='route' or 'adapt'"
+            f"{ROUTE_KWARG} was given but this upscaled model has nothing to route (mode='preserve' without "
+            "gate_head); upscale with mode='route' or 'adapt', or with gate_head=True"
         )
     batch, seq, device = _input_batch_seq(args, kwargs)
     state.mask = prepare_route_mask(mask, batch, seq, _past_length(kwargs), device)
@@ -152,15 +156,19 @@ class RoutePolicy:
     """The SCALE-Route rule: route 1 (adaptation path) where the preserve-path and adapt-path next-token
     distributions differ, i.e. ``cos(p_preserve, p_adapt) < tau``; route 0 (preservation) otherwise.
 
+    ``inverted=True`` swaps the two outcomes (an ablation: adaptation where the paths agree).
     Masks returned are bool ``(batch, seq)`` with True = adaptation path (what ``scale_route`` expects).
     """
 
     tau: float = 0.5
+    inverted: bool = False
 
     def __post_init__(self) -> None:
         tau = self.tau
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise ValueError(f"tau must be a finite float (cosine threshold in [-1, 1]), got {tau!r}")
+        if not isinstance(self.inverted, bool):
+            raise TypeError(f"inverted must be a bool, got {type(self.inverted).__name__}")
 
     @staticmethod
     def similarity(logits_preserve: Tensor, logits_adapt: Tensor) -> Tensor:
@@ -174,7 +182,18 @@ class RoutePolicy:
 
     def route_from_logits(self, logits_preserve: Tensor, logits_adapt: Tensor) -> Tensor:
         """``(..., vocab) x2 -> (...)`` bool: True where the token takes the adaptation path."""
-        return self.similarity(logits_preserve, logits_adapt) < self.tau
+        agree = self.similarity(logits_preserve, logits_adapt) >= self.tau
+        return agree if self.inverted else ~agree
+
+    def select(self, logits_preserve: Tensor, logits_adapt: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token choice between the outputs of the two paths: ``(..., vocab) x2 -> (logits, route)``.
+
+        ``logits[..., t, :]`` is the adapt-path row where ``route`` (``(...)`` bool, computed without
+        gradient) is True, else the preserve-path row. Gradients flow into the chosen rows only.
+        """
+        with torch.no_grad():
+            route = self.route_from_logits(logits_preserve, logits_adapt)
+        return torch.where(route[..., None], logits_adapt, logits_preserve), route
 
     @torch.no_grad()
     def compute_route(self, model: nn.Module, input_ids: Tensor, **forward_kwargs) -> Tensor:
@@ -238,6 +257,9 @@ class RoutePolicy:
             out1 = model(tok, past_key_values=cache_adapt, scale_route=True, use_cache=True)
             adapt = self.route_from_logits(out0.logits[:, -1], out1.logits[:, -1])
             routes.append(adapt)
-            cache, logits = (out1.past_key_values, out1.logits[:, -1]) if adapt.item() else (
-                out0.past_key_values, out0.logits[:, -1])
+            cache, logits = (
+                (out1.past_key_values, out1.logits[:, -1])
+                if adapt.item()
+                else (out0.past_key_values, out0.logits[:, -1])
+            )
         return torch.cat(tokens), torch.cat(routes)

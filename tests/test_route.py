@@ -7,6 +7,7 @@ import torch
 from helpers_upscale import ATOL, base_model, greedy, logits, max_diff, token_ids, train_steps, upscaled
 
 import scale_kernels as sk
+from scale_kernels.models import UpscaleConfig, upscale_config_of
 from scale_kernels.route import prepare_route_mask
 
 
@@ -93,8 +94,57 @@ def test_route_mask_errors(base, trained):
     with pytest.raises(ValueError, match="must be finite"):
         prepare_route_mask(float("nan"), 2, 7, 0, torch.device("cpu"))
     preserve = upscaled(base, "preserve")
-    with pytest.raises(ValueError, match="no W12 term to route"):
+    with pytest.raises(ValueError, match="nothing to route .mode='preserve' without gate_head"):
         preserve(ids, scale_route=True)
+    with pytest.raises(TypeError, match="gate_head must be a bool"):
+        upscaled(base, "route", gate_head=1)
+    with pytest.raises(ValueError, match="gate_head=True gates the LM head's W_head_up, which needs extra_hidden"):
+        upscaled(base, "route", extra_hidden=0, gate_head=True)
+
+
+# ---------------------------------------------------------------------- the gated head
+@pytest.mark.parametrize("mode", ["route", "preserve"])
+def test_gated_head_makes_route_zero_exactly_the_base_model_after_training(base, mode):
+    """Route 0 of a gated model is the base model, head included, after W_head_up has trained; the same
+    model ungated keeps W_head_up on its preservation path, so it is not (mutation check of the gate)."""
+    ids = token_ids()
+    gated = upscaled(base, mode, gate_head=True)
+    train_steps(gated, steps=3, scale_route=True)
+    head_up = gated.lm_head.weight_12
+    assert head_up.abs().max() > 1e-3  # W_head_up has trained
+    assert max_diff(logits(gated, ids, scale_route=False), logits(base, ids)) <= ATOL
+    assert max_diff(logits(gated, ids, scale_route=True), logits(base, ids)) > 1e-3
+    gated.lm_head.routable = False  # what an ungated head computes with the same weights
+    assert max_diff(logits(gated, ids, scale_route=False), logits(base, ids)) > 1e-3
+
+
+def test_gated_head_exposes_the_model_route_through_w12_and_route(base):
+    """The fused LM head + loss reads ``(W_head_up, route)`` from ``_w12_and_route(None)``."""
+    ids = token_ids()
+    gated, ungated = upscaled(base, "route", gate_head=True), upscaled(base, "route")
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for model in (gated, ungated):
+        model(ids, scale_route=mask)  # sets the model-level mask
+    w, route = gated.lm_head._w12_and_route(None)
+    assert w is gated.lm_head.weight_12 and route is not None and torch.equal(route, mask)
+    assert ungated.lm_head._w12_and_route(None)[1] is None
+    assert "gated by the route" in repr(gated.lm_head) and "ungated" in repr(ungated.lm_head)
+
+
+def test_gated_head_round_trips_through_the_expansion_checkpoint(base, tmp_path):
+    import copy
+
+    model = upscaled(base, "preserve", gate_head=True)
+    train_steps(model, steps=2, scale_route=True)
+    sk.save_expansion(model, tmp_path)
+    loaded = sk.load_expansion(copy.deepcopy(base), tmp_path)
+    assert loaded.lm_head.routable and upscale_config_of(loaded).gate_head
+    ids = token_ids()
+    for route in (False, True):
+        assert max_diff(logits(loaded, ids, scale_route=route), logits(model, ids, scale_route=route)) <= ATOL
+    record = upscale_config_of(model).to_dict()
+    del record["gate_head"]  # a record written before the option existed
+    assert UpscaleConfig.from_dict(record).gate_head is False
 
 
 def test_original_stream_is_exactly_base_and_restores(base, trained):
@@ -135,6 +185,19 @@ def test_policy_rule_on_logits():
         policy.similarity(a, b[:1])
     with pytest.raises(ValueError, match="tau must be a finite float"):
         sk.RoutePolicy(tau=float("inf"))
+    assert sk.RoutePolicy(inverted=True).route_from_logits(a, b).tolist() == [True, False]
+    with pytest.raises(TypeError, match="inverted must be a bool"):
+        sk.RoutePolicy(inverted="yes")
+
+
+def test_policy_select_picks_rows_and_passes_gradients_to_the_chosen_path_only():
+    preserve = torch.tensor([[10.0, 0.0, 0.0], [10.0, 0.0, 0.0]], requires_grad=True)
+    adapt = torch.tensor([[9.0, 0.0, 0.0], [0.0, 10.0, 0.0]], requires_grad=True)
+    out, route = sk.RoutePolicy().select(preserve, adapt)
+    assert route.tolist() == [False, True] and not route.requires_grad
+    assert torch.equal(out[0], preserve[0]) and torch.equal(out[1], adapt[1])
+    out.sum().backward()
+    assert preserve.grad[:, 0].tolist() == [1.0, 0.0] and adapt.grad[:, 0].tolist() == [0.0, 1.0]
 
 
 def test_policy_mask_on_fresh_model_is_all_preserve(base):
@@ -145,9 +208,7 @@ def test_policy_mask_on_fresh_model_is_all_preserve(base):
 
 def test_policy_mask_matches_manual_rule_and_trains_without_grad(trained):
     ids = token_ids()
-    sim = sk.RoutePolicy.similarity(
-        logits(trained, ids, scale_route=False), logits(trained, ids, scale_route=True)
-    )
+    sim = sk.RoutePolicy.similarity(logits(trained, ids, scale_route=False), logits(trained, ids, scale_route=True))
     tau = sim.median().item()  # a threshold that splits this model's tokens
     mask = sk.RoutePolicy(tau=tau).compute_route(trained, ids)
     assert torch.equal(mask, sim < tau)
@@ -173,9 +234,7 @@ def test_policy_generate_on_fresh_model_equals_base_greedy(base):
 
 def test_policy_generate_keeps_the_chosen_path_in_the_cache(trained):
     ids = token_ids(batch=1, seq=5)
-    sim = sk.RoutePolicy.similarity(
-        logits(trained, ids, scale_route=False), logits(trained, ids, scale_route=True)
-    )
+    sim = sk.RoutePolicy.similarity(logits(trained, ids, scale_route=False), logits(trained, ids, scale_route=True))
     policy = sk.RoutePolicy(tau=sim.median().item())
     seqs, route = policy.generate(trained, ids, max_new_tokens=5)
     assert route.any() and not route.all()

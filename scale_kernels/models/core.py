@@ -85,6 +85,7 @@ class UpscaleConfig:
     base_num_attention_heads: int
     base_num_key_value_heads: int
     base_intermediate_size: int
+    gate_head: bool = False  # the route mask also gates the LM head's W_head_up
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,10 +95,10 @@ class UpscaleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> UpscaleConfig:
         names = {f.name for f in fields(cls)}
-        missing = names - set(d)
+        missing = names - set(d) - {"gate_head"}  # gate_head: absent in records written before it existed
         if missing:
             raise ValueError(f"upscale config is missing {sorted(missing)}; was it written by scale_kernels?")
-        kw = {k: d[k] for k in names}
+        kw = {k: d[k] for k in names if k in d}
         kw["adapt_layers"], kw["adapt_modules"] = tuple(d["adapt_layers"]), tuple(d["adapt_modules"])
         return cls(**kw)
 
@@ -113,6 +114,7 @@ class UpscaleConfig:
             "adapt_layers": list(self.adapt_layers) if adapt else None,
             "adapt_modules": list(self.adapt_modules) if adapt else None,
             "init": "zeros",
+            "gate_head": self.gate_head,
         }
 
     def base_sizes(self) -> dict[str, int]:
@@ -209,6 +211,7 @@ def resolve_upscale_config(
     adapt_modules,
     init: str,
     seed: int | None,
+    gate_head: bool = False,
 ) -> UpscaleConfig:
     """Validate the :func:`upscale_model` arguments against ``model`` and resolve defaults."""
     family_of(model)
@@ -221,6 +224,10 @@ def resolve_upscale_config(
     check_choice("init", init, INITS)
     if seed is not None:
         check_size("seed", seed)
+    if not isinstance(gate_head, bool):
+        raise TypeError(f"gate_head must be a bool, got {type(gate_head).__name__} ({gate_head!r})")
+    if gate_head and extra_hidden == 0:
+        raise ValueError("gate_head=True gates the LM head's W_head_up, which needs extra_hidden > 0")
     extra_heads, extra_kv_heads = _resolve_heads(config, extra_heads, extra_kv_heads)
     if extra_hidden == extra_heads == extra_intermediate == 0:
         raise ValueError("nothing to upscale: extra_hidden, extra_heads and extra_intermediate are all 0")
@@ -251,6 +258,7 @@ def resolve_upscale_config(
         base_num_attention_heads=config.num_attention_heads,
         base_num_key_value_heads=config.num_key_value_heads,
         base_intermediate_size=config.intermediate_size,
+        gate_head=gate_head,
     )
 
 
@@ -311,7 +319,8 @@ class _Builder:
             inner.embed_tokens, e, self.cfg.init, std=self.std, generator=self.generator
         )
         inner.norm = ScaleRMSNorm.from_norm(inner.norm, e)
-        model.lm_head = ScaleLMHead.from_head(model.lm_head, e)  # reuses a tied weight: stays tied
+        # reuses a tied weight: stays tied
+        model.lm_head = ScaleLMHead.from_head(model.lm_head, e, gated=self.cfg.gate_head)
         model.lm_head.route_state = self.state
         self.count += 1
 
@@ -353,6 +362,7 @@ def upscale_model(
     init: str = "random",
     seed: int | None = None,
     fused_loss: bool = True,
+    gate_head: bool = False,
 ) -> nn.Module:
     """Width-upscale a HF causal LM in place (SCALE) and return it.
 
@@ -375,6 +385,9 @@ def upscale_model(
             cross-entropy (logits never materialised; the output's ``logits`` is None). Per-model switch:
             ``model.scale_fused_loss``. See :mod:`scale_kernels.models.fused_loss`. Needs ``extra_hidden > 0``
             (the head is a ``ScaleLMHead``); otherwise the model's own loss runs.
+        gate_head: the model-level route mask (``model(..., scale_route=mask)``) also gates the LM head's
+            ``W_head_up``, so route 0 is exactly the base model, the head included (default: the head
+            expansion is never gated). Makes a Preserve model routable too (its only routed term is the head).
 
     Every original parameter ends with ``requires_grad=False``; only expansion parameters train. A fresh
     model of any mode reproduces the base model's logits exactly (up to fp rounding).
@@ -383,7 +396,7 @@ def upscale_model(
         raise TypeError(f"fused_loss must be a bool, got {fused_loss!r}")
     cfg = resolve_upscale_config(
         model, extra_hidden, extra_heads, extra_kv_heads, extra_intermediate, mode, adapt_layers,
-        adapt_modules, init, seed,
+        adapt_modules, init, seed, gate_head,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -395,7 +408,7 @@ def upscale_model(
     if builder.count == 0:  # cannot happen after validation; never let a no-op pass silently
         raise RuntimeError("upscale_model: no module was upscaled")
     _update_config(model, cfg)
-    model.scale_has_route = cfg.mode != "preserve"
+    model.scale_has_route = cfg.mode != "preserve" or cfg.gate_head
     model.scale_upscaled_modules = builder.count
     install_route_hook(model, state)
     install_fused_loss(model, fused_loss)

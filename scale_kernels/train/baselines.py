@@ -55,8 +55,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise ValueError("the lora baseline needs peft: pip install peft") from e
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -66,8 +65,7 @@ def insertion_points(n_layers: int, blocks: int) -> list[int]:
     LLaMA-Pro inserts one block after every ``n_layers / blocks`` layers, the last one at the top.
     """
     if not 1 <= blocks <= n_layers:
-        raise ValueError(f"depth_blocks must be in [1, {n_layers}] for a {n_layers}-layer model, "
-                         f"got {blocks}")
+        raise ValueError(f"depth_blocks must be in [1, {n_layers}] for a {n_layers}-layer model, got {blocks}")
     return [round((k + 1) * n_layers / blocks) - 1 for k in range(blocks)]
 
 

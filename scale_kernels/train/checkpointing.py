@@ -52,8 +52,9 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, path)
 
 
-def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2
+) -> Path:
     """Atomically write checkpoint ``step`` under ``root`` and point ``latest`` at it; keep the newest
     ``keep`` complete checkpoints. Returns the checkpoint folder."""
     root = Path(root)

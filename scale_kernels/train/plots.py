@@ -1,4 +1,4 @@
-"""Plots of a comparison: training loss and eval perplexity over steps, and forgetting vs adaptation."""
+"""The trade-off plot of a sweep: old-domain forgetting vs new-domain adaptation per run, Pareto front marked."""
 
 from __future__ import annotations
 
@@ -11,34 +11,76 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_comparison(comparison: dict[str, Any], path: str | Path) -> Path:
-    """Four panels: new-domain training loss per step; old- and new-domain eval perplexity per eval step;
-    forgetting % (old-domain ppl change) vs adaptation % (new-domain ppl change)."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    ax_loss, ax_trade, ax_old, ax_new = axes.flat
-    for method, losses in comparison["losses"].items():
-        ax_loss.plot([s for s, _ in losses], [v for _, v in losses], label=method)
-    for method, points in comparison["curves"].items():
-        steps = [p["step"] for p in points]
-        ax_old.plot(steps, [p["old"] for p in points], marker="o", label=method)
-        ax_new.plot(steps, [p["new"] for p in points], marker="o", label=method)
-    ax_loss.set(title="training loss (new domain)", xlabel="step", ylabel="loss")
-    ax_old.set(title="old domain: eval perplexity (up = forgetting)", xlabel="step", ylabel="perplexity")
-    ax_new.set(title="new domain: eval perplexity (down = adaptation)", xlabel="step", ylabel="perplexity")
-    for row in comparison["rows"]:
-        ax_trade.scatter(row["adaptation_pct"], row["forgetting_pct"], s=60)
-        ax_trade.annotate(row["method"], (row["adaptation_pct"], row["forgetting_pct"]),
-                          textcoords="offset points", xytext=(5, 5))
-    ax_trade.axhline(0.0, color="gray", lw=0.8)
-    ax_trade.axvline(0.0, color="gray", lw=0.8)
-    ax_trade.set(title="forgetting vs adaptation (better: lower left)",
-                 xlabel="new-domain ppl change % (adaptation)", ylabel="old-domain ppl change % (forgetting)")
-    for ax in (ax_loss, ax_old, ax_new):
-        ax.legend(fontsize=8)
-    budget = comparison["budget"]
-    fig.suptitle(f"{budget['model']}: {budget['steps']} steps x "
-                 f"{budget['batch_size']}x{budget['grad_accum']} "
-                 f"sequences x {budget['seq_len']} tokens (seed {budget['seed']})")
+def plot_tradeoff(comparison: dict[str, Any], path: str | Path) -> Path:
+    """Two panels over new-domain perplexity change (x, left = more adaptation): old-domain perplexity change
+    (forgetting) and KL(base || model) on the old domain. Filled markers: trained runs; hollow: eval-only
+    views; lines join a variant's seed-averaged learning rates; the dashed line is the Pareto front."""
+    pts = comparison["points"]
+    fig, (ax_f, ax_kl) = plt.subplots(1, 2, figsize=(15, 6.5))
+    labels = list(dict.fromkeys(p["label"] for p in pts))
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    base = comparison["base"]
+    for label in labels:
+        mine = [p for p in pts if p["label"] == label]
+        hollow = mine[0]["kind"] == "view"
+        style = {"facecolors": "none", "edgecolors": [colors[label]]} if hollow else {"color": colors[label]}
+        for ax, key in ((ax_f, "forgetting_pct"), (ax_kl, "old_kl_base")):
+            ys = [p[key] for p in mine]
+            if any(y is None for y in ys):
+                continue
+            ax.scatter([p["adaptation_pct"] for p in mine], ys, s=45, label=label, **style)
+        curve = comparison["curves"][label]
+        if len(curve) > 1:
+            xs = [100.0 * (c["new_ppl"] / base["new_ppl"] - 1.0) for c in curve]
+            ax_f.plot(xs, [c["forgetting_pct"] for c in curve], color=colors[label], lw=1, ls=":" if hollow else "-")
+        for p in mine:
+            if not hollow:
+                ax_f.annotate(
+                    f"{p['lr']:g}",
+                    (p["adaptation_pct"], p["forgetting_pct"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    color=colors[label],
+                )
+    front = sorted((p for p in pts if p["on_front"]), key=lambda p: p["adaptation_pct"])
+    if front:
+        ax_f.plot(
+            [p["adaptation_pct"] for p in front],
+            [p["forgetting_pct"] for p in front],
+            "k--",
+            lw=1.2,
+            label="Pareto front",
+            zorder=0,
+        )
+        ax_f.scatter(
+            [p["adaptation_pct"] for p in front],
+            [p["forgetting_pct"] for p in front],
+            s=140,
+            facecolors="none",
+            edgecolors="k",
+            lw=1.0,
+        )
+    for ax in (ax_f, ax_kl):
+        ax.axhline(0.0, color="gray", lw=0.6)
+        ax.axvline(0.0, color="gray", lw=0.6)
+        ax.grid(alpha=0.3)
+    ax_f.set(
+        title="forgetting vs adaptation (better: lower left); numbers = learning rate",
+        xlabel="new-domain perplexity change % (adaptation)",
+        ylabel="old-domain perplexity change % (forgetting)",
+    )
+    ax_kl.set(
+        title="distance from the base model on the old domain",
+        xlabel="new-domain perplexity change % (adaptation)",
+        ylabel="KL(base || model), nats per token",
+    )
+    ax_f.legend(fontsize=7, loc="best")
+    setup = comparison["setup"]
+    fig.suptitle(
+        f"{setup['model']}: {setup['steps']} steps x {setup['batch_size'] * setup['grad_accum']} x "
+        f"{setup['seq_len']} tokens per run; boundary-excluded perplexities"
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -11,8 +11,17 @@ SAMPLE_TEXT = (
 )
 
 
-def make_tiny_model_dir(directory: str | Path, *, vocab_size: int = 320, hidden: int = 32, layers: int = 4,
-                        heads: int = 4, kv_heads: int = 2, intermediate: int = 64, seed: int = 0) -> Path:
+def make_tiny_model_dir(
+    directory: str | Path,
+    *,
+    vocab_size: int = 320,
+    hidden: int = 32,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 64,
+    seed: int = 0,
+) -> Path:
     """Write a random ``LlamaForCausalLM`` (untied head) and a matching tokenizer into ``directory``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,15 +32,26 @@ def make_tiny_model_dir(directory: str | Path, *, vocab_size: int = 320, hidden:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(directory)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
