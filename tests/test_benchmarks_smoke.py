@@ -615,7 +615,7 @@ def test_targets_cli_lists_every_target(tmp_path, capsys):
     assert targets.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("target ")] == [
-        f"target {t.id}" for t in targets.TARGETS
+        f"target {t.id}" for t in (*targets.TARGETS, targets.MODEL_8B_TARGET)
     ]
     assert any("model.json" in line for line in lines)  # model targets: no file, not evaluated
 

@@ -9,6 +9,7 @@ from .. import backends
 FUSED_OP_BACKENDS = ("torch", "triton")
 
 
+@torch.compiler.assume_constant_result
 def triton_or_torch(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """``"triton"`` or ``"torch"`` for a model-level op.
 
@@ -17,6 +18,7 @@ def triton_or_torch(backend: str | None, device: torch.device, dtype: torch.dtyp
     fused pass beats PyTorch's several kernels; the dispatch tables of ``upscaled_linear`` are about GEMMs and do
     not apply) and ``torch`` elsewhere. A forced ``cuda`` maps to ``triton`` (these ops have no CUDA-C kernel) or,
     where triton cannot run, to ``torch``. fp64 runs on ``torch``. A forced backend that cannot run raises.
+    Under ``torch.compile`` it is evaluated once at trace time (a constant of the graph).
     """
     requested, _ = backends.requested_backend(backend)
     if requested not in (*backends.BACKEND_NAMES, "auto"):
