@@ -27,7 +27,6 @@ import contextlib
 import copy
 import inspect
 import math
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -116,30 +115,37 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return args, kwargs
 
 
-def _generation_accepts_route(model_class: type) -> Callable:
-    """``prepare_inputs_for_generation`` of ``model_class`` that also takes ``scale_route`` and passes it on.
+class _PrepareInputsWithRoute:
+    """``prepare_inputs_for_generation`` of an upscaled model: the class method, plus a ``scale_route`` argument.
 
     ``generate`` keeps the kwargs it does not know as model kwargs, hands them to ``prepare_inputs_for_generation``
     at every step and what that returns to ``forward`` (where the pre-hook consumes ``scale_route``). It accepts a
     model kwarg only if ``prepare_inputs_for_generation``'s signature names it (or, when that takes ``**kwargs``,
-    ``forward``'s does), so the returned function declares ``scale_route``: its ``__signature__`` is the class
-    method's plus a keyword-only ``scale_route``. Every other argument goes to the class method unchanged.
+    ``forward``'s does), so this callable's ``__signature__`` is the class method's plus a keyword-only
+    ``scale_route``. Every other argument goes to the class method unchanged. Stored on the model instance; it
+    holds the model (not a closure), so ``copy.deepcopy`` and pickling carry it over to the copy.
     """
-    base = getattr(model_class, _GENERATION_HOOK)
-    signature = inspect.signature(base)
-    params = list(signature.parameters.values())
-    var_keyword = [params.pop()] if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else []
-    route = inspect.Parameter(ROUTE_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
 
-    def prepare_inputs_for_generation(self: nn.Module, *args, **kwargs) -> dict:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _class_method(self) -> Callable:
+        return getattr(type(self.model), _GENERATION_HOOK)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self._class_method())
+        params = list(signature.parameters.values())[1:]  # without self
+        var_keyword = [params.pop()] if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else []
+        route = inspect.Parameter(ROUTE_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
+        return signature.replace(parameters=[*params, route, *var_keyword])
+
+    def __call__(self, *args, **kwargs) -> dict:
         mask = kwargs.pop(ROUTE_KWARG, None)
-        inputs = base(self, *args, **kwargs)
+        inputs = self._class_method()(self.model, *args, **kwargs)
         if mask is not None:
             inputs[ROUTE_KWARG] = mask
         return inputs
-
-    prepare_inputs_for_generation.__signature__ = signature.replace(parameters=[*params, route, *var_keyword])
-    return prepare_inputs_for_generation
 
 
 def install_route_hook(model: nn.Module, state: RouteState, *, has_route: bool) -> None:
@@ -148,14 +154,13 @@ def install_route_hook(model: nn.Module, state: RouteState, *, has_route: bool) 
     ``has_route``: whether the model has anything to route (else ``scale_route`` is an error). Installs a forward
     pre-hook (its handle is kept, so :func:`uninstall_route_hook` removes exactly it) and, for HF generation
     models, a per-instance ``prepare_inputs_for_generation`` that declares ``scale_route`` (see
-    :func:`_generation_accepts_route`; ``copy.deepcopy`` rebinds it to the copy).
+    :class:`_PrepareInputsWithRoute`).
     """
     setattr(model, _STATE_ATTR, state)
     setattr(model, _HAS_ROUTE_ATTR, has_route)
     setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True))
     if hasattr(type(model), _GENERATION_HOOK):
-        method = types.MethodType(_generation_accepts_route(type(model)), model)
-        setattr(model, _GENERATION_HOOK, method)
+        setattr(model, _GENERATION_HOOK, _PrepareInputsWithRoute(model))
 
 
 def uninstall_route_hook(model: nn.Module) -> None:

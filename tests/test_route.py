@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from helpers_upscale import ATOL, base_model, greedy, logits, max_diff, token_ids, train_steps, upscaled
@@ -25,8 +28,6 @@ def trained(base):
 
 
 def _zero_w12_copy(model):
-    import copy
-
     clone = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in clone.named_parameters():
@@ -94,6 +95,15 @@ def test_generate_slices_a_varying_full_length_route_at_the_cache_position(train
 def test_generate_still_rejects_unknown_model_kwargs(trained):
     with pytest.raises(ValueError, match=r"not used by the model: \['scale_rout'\]"):
         greedy(trained, token_ids(batch=1), new=1, scale_rout=True)
+
+
+def test_a_deep_copied_or_pickled_model_keeps_its_route(trained):
+    ids = token_ids(batch=1, seq=5)
+    ref_logits, ref_tokens = logits(trained, ids, scale_route=False), greedy(trained, ids, new=3, scale_route=False)
+    assert not torch.equal(ref_tokens, greedy(trained, ids, new=3, scale_route=True))
+    for clone in (copy.deepcopy(trained), pickle.loads(pickle.dumps(trained))):
+        assert torch.equal(logits(clone, ids, scale_route=False), ref_logits)
+        assert torch.equal(greedy(clone, ids, new=3, scale_route=False), ref_tokens)
 
 
 def test_route_mask_errors(base, trained):
