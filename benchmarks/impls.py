@@ -64,9 +64,7 @@ def build_workload(
     if impl == GEMM:
         m, n, k = equal_flop_gemm_shape(case)
         x = torch.randn(m, k, **factory)
-        return Workload(
-            layers.EqualFlopGemm(n, k, **factory), x, None, None, lambda _pass: 2 * m * n * k, ("forward",)
-        )
+        return Workload(layers.EqualFlopGemm(n, k, **factory), x, None, None, lambda _pass: 2 * m * n * k, ("forward",))
     if impl == DENSE:
         module: nn.Module = layers.DenseLinear(case.d + case.e, **factory)
         flops = lambda pass_name: dense_flops(case, pass_name)
