@@ -1,6 +1,6 @@
 """Layer benchmark: forward / backward / train step of the upscaled linear against the baselines.
 
-    python -m benchmarks.bench_layer                # full grid of issue 11 on CUDA, bf16
+    python -m benchmarks.bench_layer                # the full grid (benchmarks.cases) on CUDA, bf16
     python -m benchmarks.bench_layer --smoke        # tiny CPU shapes, each case once
 
 Implementations: ``scale_kernels[auto]`` (what users get: the automatic per-shape choice; each record says
@@ -25,18 +25,8 @@ from scale_kernels import backends as package_backends
 from . import cli
 from .cases import MODES, PASSES, LayerCase, layer_cases
 from .impls import BASELINES, HANDWRITTEN_COMPILED, Workload, build_workload, usable_backends
-from .results import (
-    failure_status,
-    finalize,
-    impl_backend,
-    load_json,
-    merge_results,
-    new_results,
-    package_impl,
-    report_failures,
-    timing_fields,
-    write_json,
-)
+from .results import failure_status, finalize, merge_results, new_results, report_failures, timing_fields
+from .schema import impl_backend, load_json, package_impl, write_json
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
 
 AUTO = "auto"

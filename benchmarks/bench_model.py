@@ -31,13 +31,8 @@ from scale_kernels.models.liger import LIGER_OPS, apply_liger_kernels
 from . import cli
 from . import model_variants as mv
 from .impls import usable_backends
-from .results import (
-    failure_status,
-    finalize,
-    new_results,
-    package_impl,
-    timing_fields,
-)
+from .results import failure_status, finalize, new_results, timing_fields
+from .schema import package_impl
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
 
 VARIANTS = (mv.FULL_FT, mv.LORA_NAME, "upscaled")

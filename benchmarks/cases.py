@@ -15,7 +15,7 @@ MODES = ("preserve", "adapt", "route")
 PASSES = ("forward", "backward", "train_step")
 DECODE_MAX_TOKENS = 16
 
-# the full (GPU) grid of issue 11 and the tiny CPU smoke grid
+# the full (GPU) grid, on which the layer targets are stated, and the tiny CPU smoke grid
 PREFILL_TOKENS = (16384, 4096)
 DECODE_TOKENS = (16, 1)
 HIDDEN_SIZES = (4096,)
@@ -41,7 +41,7 @@ class LayerCase:
 
     @property
     def phase(self) -> str:
-        """``"decode"`` for ``tokens <= 16`` (issue 6's decode sizes), else ``"prefill"``."""
+        """``"decode"`` for ``tokens <= 16`` (the decode sizes), else ``"prefill"``."""
         return "decode" if self.tokens <= DECODE_MAX_TOKENS else "prefill"
 
     @property
@@ -102,7 +102,7 @@ def layer_cases(
     hidden_sizes: tuple[int, ...] | None = None,
     modes: tuple[str, ...] | None = None,
 ) -> list[LayerCase]:
-    """The case grid (issue 11 on GPU, tiny on CPU smoke); ``e = d / 4``; the filters narrow it. Cases come in
+    """The case grid (full on GPU, tiny on CPU smoke); ``e = d / 4``; the filters narrow it. Cases come in
     the order given (largest token counts first by default: the targets' shapes before the rest)."""
     if tokens is None:
         tokens = (SMOKE_PREFILL_TOKENS + SMOKE_DECODE_TOKENS) if smoke else (PREFILL_TOKENS + DECODE_TOKENS)

@@ -30,7 +30,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=sorted(DTYPES),
         default=None,
-        help="default: bfloat16 (the issue's dtype); float32 with --smoke",
+        help="default: bfloat16 (the targets' dtype); float32 with --smoke",
     )
     parser.add_argument(
         "--backends",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 11: one command, at most ~8 minutes on a fresh H100, every step under its own
-# timeout and all of them under one overall deadline, every output in one folder.
+# The prepared GPU check of the benchmarks: one command, at most ~8 minutes on a fresh H100, every step under its
+# own timeout and all of them under one overall deadline, every output in one folder.
 #
 #   bash benchmarks/gpu_check.sh            # on a GPU machine (run from anywhere; it cd's to the repo root)
 #   bash benchmarks/gpu_check.sh --smoke    # CPU plumbing check: every step on tiny shapes (CI-safe, ~1 min)

@@ -15,9 +15,9 @@ from torch import nn
 
 import scale_kernels
 
-from . import baselines
+from . import layers
 from .cases import PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, make_inputs
-from .results import impl_backend, package_impl
+from .schema import impl_backend, package_impl
 
 HANDWRITTEN = "handwritten"
 HANDWRITTEN_COMPILED = "handwritten_compiled"
@@ -64,19 +64,17 @@ def build_workload(
     if impl == GEMM:
         m, n, k = equal_flop_gemm_shape(case)
         x = torch.randn(m, k, **factory)
-        return Workload(
-            baselines.EqualFlopGemm(n, k, **factory), x, None, None, lambda _pass: 2 * m * n * k, ("forward",)
-        )
+        return Workload(layers.EqualFlopGemm(n, k, **factory), x, None, None, lambda _pass: 2 * m * n * k, ("forward",))
     if impl == DENSE:
-        module: nn.Module = baselines.DenseLinear(case.d + case.e, **factory)
+        module: nn.Module = layers.DenseLinear(case.d + case.e, **factory)
         flops = lambda pass_name: dense_flops(case, pass_name)
     elif impl in (HANDWRITTEN, HANDWRITTEN_COMPILED):
-        module = baselines.HandWrittenUpscaledLinear(case.d, case.e, case.has_w12, **factory)
+        module = layers.HandWrittenUpscaledLinear(case.d, case.e, case.has_w12, **factory)
         if impl == HANDWRITTEN_COMPILED:
-            module = baselines.compiled(module, compile_backend)
+            module = layers.compiled(module, compile_backend)
         flops = case.flops
     elif impl_backend(impl) is not None:
-        module = baselines.FusedUpscaledLinear(case.d, case.e, case.has_w12, impl_backend(impl), **factory)
+        module = layers.FusedUpscaledLinear(case.d, case.e, case.has_w12, impl_backend(impl), **factory)
         flops = case.flops
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected {BASELINES} or {package_impl('<backend>')}")

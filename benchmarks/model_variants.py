@@ -22,9 +22,9 @@ from torch import nn
 
 import scale_kernels
 from scale_kernels.memory import UPSCALE_PRESETS, estimate_training_memory
+from scale_kernels.parameters import count_parameters
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
-
-from .baselines import handwritten_upscaled_linear
+from scale_kernels.reference import upscaled_linear_reference
 
 # Llama-3.2-1B's shape (random weights): ~1.24B parameters with the tied 128k-token embedding.
 LLAMA_1B = dict(
@@ -153,13 +153,14 @@ def predicted_peak_mb(spec: ModelSpec, impl: str, dtype: torch.dtype, case: dict
 def handwritten_scale_linear_forward(
     self: nn.Module, x: torch.Tensor, route: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``ScaleLinear.forward`` written by hand: :func:`handwritten_upscaled_linear` on the layer's weights.
+    """``ScaleLinear.forward`` written by hand: ``upscaled_linear_reference`` (plain ``F.linear`` + route multiply +
+    ``cat``, see ``benchmarks.layers.HandWrittenUpscaledLinear``) on the layer's weights.
 
     W12 and the route are resolved exactly as ``ScaleLinear.forward`` resolves them (its
     ``_w12_and_route``: the model-level ``scale_route`` mask, ``original_stream``), so both compute the same.
     """
     w12, route = self._w12_and_route(route)
-    return handwritten_upscaled_linear(
+    return upscaled_linear_reference(
         x, self.weight, self.weight_21, self.weight_22, w12, self.bias, self.bias_up, route
     )
 
@@ -212,11 +213,9 @@ def route_mask(batch_size: int, seq_len: int, device: torch.device, seed: int = 
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    params = list(model.parameters())
-    return {
-        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "total_params": sum(p.numel() for p in params),
-    }
+    """``trainable_params`` / ``total_params`` of a variant for its records (tied weights counted once)."""
+    trainable, total = count_parameters(model)
+    return {"trainable_params": trainable, "total_params": total}
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from .results import is_package, load_json  # noqa: E402
+from .schema import is_package, load_json  # noqa: E402
 
 HANDWRITTEN = "handwritten"
 

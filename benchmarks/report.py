@@ -119,7 +119,7 @@ def targets_table(rows: list[dict]) -> list[str]:
 def render(payload: dict) -> str:
     """Markdown of one results file: header, timings per pass, ratios, targets."""
     lines = _header(payload) + _records_tables(payload) + _comparison_table(payload)
-    lines += ["### targets (issues 6 and 11)", ""] + targets_table(payload["targets"])
+    lines += ["### targets", ""] + targets_table(payload["targets"])
     return "\n".join(lines)
 
 

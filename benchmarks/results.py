@@ -1,10 +1,6 @@
-"""Result files: environment header, records, ratios against each baseline, JSON read/write.
+"""Results of a benchmark run: environment header, records, ratios against each baseline, targets, merging, saving.
 
-A results file is one JSON object::
-
-    {"schema": SCHEMA, "kind": "layer" | "model", "smoke": bool, "label": str, "env": {...},
-     "settings": {...}, "records": [...], "comparisons": [...], "targets": [...]}
-
+The file format (schema tag, implementation names, reading and writing) is :mod:`benchmarks.schema`.
 A record is one (case, pass, impl) measurement: ``median_ms``, ``p20_ms``, ``p80_ms``, ``peak_mem_mb`` (None
 when not measured, i.e. on CPU) plus a kind-specific throughput (``tflops`` or ``tokens_per_s``), and
 ``status`` ``"ok"`` or the reason it has no numbers (``"error: ..."``, ``"oom"``).
@@ -14,18 +10,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import re
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-SCHEMA = "scale_kernels.benchmarks/1"
+from .schema import SCHEMA, is_package, load_json, write_json
+from .targets import evaluate
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-PACKAGE_PREFIX = "scale_kernels["
 THROUGHPUT_KEYS = ("tflops", "tokens_per_s")
 
 
@@ -108,20 +105,6 @@ def new_results(kind: str, smoke: bool, device: torch.device, settings: dict) ->
     }
 
 
-def package_impl(backend: str) -> str:
-    """Implementation name of this package's op or model on ``backend`` (e.g. ``scale_kernels[triton]``)."""
-    return f"{PACKAGE_PREFIX}{backend}]"
-
-
-def impl_backend(impl: str) -> str | None:
-    """The backend of a package implementation name, None for a baseline."""
-    return impl[len(PACKAGE_PREFIX) : -1] if is_package(impl) else None
-
-
-def is_package(impl: str) -> bool:
-    return impl.startswith(PACKAGE_PREFIX) and impl.endswith("]")
-
-
 def default_out_dir(env: dict, smoke: bool) -> Path:
     """``benchmarks/results/<device>``; a CPU smoke run goes to ``benchmarks/results/cpu-smoke``."""
     if smoke and not env["device"].startswith("cuda"):
@@ -171,24 +154,6 @@ def comparisons(records: list[dict]) -> list[dict]:
     return out
 
 
-def write_json(payload: dict, path: Path) -> Path:
-    """Write atomically: a reader (or a run killed mid-write) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def load_json(path: Path) -> dict:
-    """Read a results file; raises ValueError if it is not one of ours."""
-    payload = json.loads(Path(path).read_text())
-    if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a scale_kernels benchmark results file (schema {SCHEMA!r} expected)")
-    return payload
-
-
 def failure_status(exc: BaseException) -> str:
     """Record status for a measurement that raised: ``"oom"`` or ``"error: <type>: <message>"``."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -210,8 +175,6 @@ def timing_fields(timing, peak_mem_mb: float | None) -> dict:
 
 def finalize(payload: dict) -> dict:
     """Fill ``comparisons`` and ``targets`` from the records (in place) and return the payload."""
-    from .targets import evaluate
-
     payload["comparisons"] = comparisons(payload["records"])
     payload["targets"] = evaluate(payload)
     return payload
@@ -261,8 +224,6 @@ def save(payload: dict, out: Path, append: bool = False) -> Path:
 
 def report_failures(payload: dict, prefix: str) -> None:
     """Print every record that has no numbers (errors, OOMs, skipped variants) to stderr."""
-    import sys
-
     for rec in payload["records"]:
         if rec["status"] != "ok":
             print(f"{prefix} {rec['impl']} {rec['pass']} {rec['case']}: {rec['status']}", file=sys.stderr)

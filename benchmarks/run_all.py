@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from . import bench_layer, bench_model, cli, report
-from .results import default_out_dir, load_json, report_failures, save
+from .results import default_out_dir, report_failures, save
+from .schema import load_json
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
 Targets hold for what users get, ``scale_kernels[auto]`` (the automatic per-shape backend choice); the
 single-backend rows are informative. Layer and model targets are stated for an H100 in bf16
 (``on_target_hardware`` records whether the run was one); the host-overhead targets for a CPU run of
-``benchmarks.bench_host``. The model targets (issue 13) compare the Llama-1B shape against the hand-written
+``benchmarks.bench_host``. The model targets compare the Llama-1B shape against the hand-written
 upscaled model and full fine-tuning with the same precision recipe; the Llama-8B shape training on one 80 GB GPU
 is a status target (:func:`evaluate_trains`). A target whose case or implementation is missing from the results
 is ``not evaluated`` (never met), with the reason.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cases import DECODE_MAX_TOKENS
-from .results import load_json, package_impl
+from .schema import load_json, package_impl
 
 TARGET_IMPL = package_impl("auto")
 TARGET_D, TARGET_E, TARGET_PREFILL_T = 4096, 1024, 16384
@@ -36,7 +36,7 @@ class Target:
     ``op threshold`` on every case where ``applies(case)``."""
 
     id: str
-    issue: int
+    issue: int  # the tracker issue that set the target (kept in every result row)
     kind: str
     description: str
     passes: tuple[str, ...]

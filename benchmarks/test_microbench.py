@@ -16,7 +16,7 @@ import torch
 from benchmarks.bench_layer import pass_fn
 from benchmarks.cases import MODES, PASSES, LayerCase
 from benchmarks.impls import HANDWRITTEN, build_workload, usable_backends
-from benchmarks.results import package_impl
+from benchmarks.schema import package_impl
 from benchmarks.timing import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

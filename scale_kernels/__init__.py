@@ -1,19 +1,13 @@
 """scale_kernels: fused kernels for width-upscaled continual pre-training (SCALE, arXiv 2511.03270)."""
 
 from .backends import available_backends, last_backend, use_backend
-from .checkpoint import (
-    load_expansion,
-    load_upscaled,
-    merge_to_dense,
-    print_trainable_parameters,
-    save_expansion,
-    trainable_parameter_report,
-)
 from .functional import explain_dispatch, upscaled_linear
 from .models import upscale_model
 from .modules import GroupedRMSNorm, ScaleEmbedding, ScaleLinear, ScaleLMHead, ScaleRMSNorm
+from .parameters import print_trainable_parameters, trainable_parameter_report
 from .reference import upscaled_linear_reference
 from .route import RoutePolicy, original_stream
+from .serialization import load_expansion, load_upscaled, merge_to_dense, save_expansion
 from .validation import check_finite
 
 __version__ = "0.1.0"

@@ -16,6 +16,10 @@ module                 frozen (original)                           trainable (ex
 ``ScaleLMHead``        ``weight (vocab, d)`` (may be tied)         ``weight_12 (vocab, e)`` (= W_head_up)
 =====================  ==========================================  =========================================
 
+Each of them is an :class:`ExpansionModule`: it names its own expansion parameters
+(:attr:`~ExpansionModule.expansion_parameter_names`; :data:`EXPANSION_PARAM_NAMES` is their union) and turns itself
+into its plain dense equivalent (:meth:`~ExpansionModule.to_dense`, used by :func:`scale_kernels.merge_to_dense`).
+
 Modules that belong to an upscaled model share one :class:`RouteState` (set by
 :func:`scale_kernels.upscale_model`); it carries the per-token route mask of the current forward and the
 "original stream only" switch used by :func:`scale_kernels.original_stream`.
@@ -24,7 +28,9 @@ Modules that belong to an upscaled model share one :class:`RouteState` (set by
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -66,6 +72,7 @@ def check_size(name: str, value: object, *, minimum: int = 0) -> int:
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; ValueError naming ``name`` and the choices otherwise."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
@@ -92,7 +99,31 @@ def svd_expansion_rows(
     return out
 
 
-class ScaleLinear(nn.Module):
+class ExpansionModule(nn.Module):
+    """Base of the width-upscaled modules: frozen original tensors plus trainable expansion blocks.
+
+    A subclass lists its expansion parameters in :attr:`expansion_parameter_names` (those it registers as None,
+    e.g. ``weight_12`` in Preserve mode, are skipped) and implements :meth:`to_dense`.
+    """
+
+    expansion_parameter_names: ClassVar[tuple[str, ...]] = ()
+
+    def expansion_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of this module's own expansion parameters (zero-size blocks included)."""
+        for name in self.expansion_parameter_names:
+            param = getattr(self, name)
+            if param is not None:
+                yield name, param
+
+    def to_dense(self, *, route: float = 1.0) -> nn.Module:
+        """A new plain module (its own tensors) computing the same function on the widened input.
+
+        ``route`` is the fixed W12 gate folded into the weights; modules without a routed term ignore it.
+        """
+        raise NotImplementedError
+
+
+class ScaleLinear(ExpansionModule):
     """``[y ; y_up] = [[W, r*W12], [W21, W22]] [x ; x_up] + [b ; b_up]`` via the fused ``upscaled_linear``.
 
     Args:
@@ -108,6 +139,7 @@ class ScaleLinear(nn.Module):
     """
 
     routable = True  # whether the model-level route mask gates this module's W12 term
+    expansion_parameter_names = ("weight_21", "weight_22", "weight_12", "bias_up")
 
     def __init__(
         self,
@@ -266,6 +298,25 @@ class ScaleLinear(nn.Module):
             backend=self.backend,
         )
 
+    @torch.no_grad()
+    def to_dense(self, *, route: float = 1.0) -> nn.Linear:
+        """``nn.Linear(in + extra_in, out + extra_out)`` holding ``[[W, r*W12], [W21, W22]]`` and bias ``[b ; b_up]``
+        (absent blocks: 0). ``route`` is the W12 gate ``r``; a module the route does not gate
+        (:attr:`routable` False, e.g. the default LM head) folds in its W12 ungated."""
+        w, d_out, d_in = self.weight, self.out_features, self.in_features
+        dense = nn.Linear(self.total_in, self.total_out, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        full = w.new_zeros(self.total_out, self.total_in)
+        full[:d_out, :d_in] = w
+        if self.weight_12 is not None:
+            full[:d_out, d_in:] = (route if self.routable else 1.0) * self.weight_12
+        full[d_out:, :d_in] = self.weight_21
+        full[d_out:, d_in:] = self.weight_22
+        dense.weight.copy_(full)
+        if self.bias is not None:
+            up = self.bias_up if self.bias_up is not None else self.bias.new_zeros(self.extra_out)
+            dense.bias.copy_(torch.cat([self.bias, up]))
+        return dense
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}+{self.extra_in}, out_features={self.out_features}+"
@@ -406,7 +457,7 @@ class ScaleLMHead(ScaleLinear):
         return f"in_features={self.in_features}+{self.extra_in}, vocab={self.out_features}, head_up={gate}"
 
 
-class ScaleRMSNorm(nn.Module):
+class ScaleRMSNorm(ExpansionModule):
     """Split RMSNorm over ``[h ; h_up]`` (``(..., hidden + extra)``, same shape out).
 
     The original slice is normalised with its own statistics and the frozen ``weight`` (identical to the
@@ -419,6 +470,8 @@ class ScaleRMSNorm(nn.Module):
     plain PyTorch. The kernel never computes a gradient for ``weight``; if ``weight`` is made trainable the
     PyTorch path runs so that it gets one.
     """
+
+    expansion_parameter_names = ("weight_up",)
 
     def __init__(
         self, hidden_size: int, extra: int, eps: float = 1e-6, *, device=None, dtype=None
@@ -467,6 +520,14 @@ class ScaleRMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}+{self.extra}, eps={self.variance_epsilon}"
 
+    @torch.no_grad()
+    def to_dense(self, *, route: float = 1.0) -> GroupedRMSNorm:
+        """:class:`GroupedRMSNorm` with ``weight = [weight ; weight_up]`` (``route`` does not apply to a norm)."""
+        w = self.weight
+        norm = GroupedRMSNorm(self.hidden_size, self.extra, self.variance_epsilon, device=w.device, dtype=w.dtype)
+        norm.weight.copy_(torch.cat([w, self.weight_up]))
+        return norm
+
 
 class GroupedRMSNorm(nn.Module):
     """Dense export of :class:`ScaleRMSNorm`: one ``weight (hidden + extra,)`` (HF state-dict layout), but the
@@ -487,11 +548,13 @@ class GroupedRMSNorm(nn.Module):
         return f"groups=({self.hidden_size}, {self.extra}), eps={self.variance_epsilon}"
 
 
-class ScaleEmbedding(nn.Module):
+class ScaleEmbedding(ExpansionModule):
     """Expanded token embedding ``[E ; E_up]``: ids ``(...)`` -> ``(..., embedding_dim + extra)``.
 
     ``weight (vocab, d)`` is the frozen pretrained table, ``weight_up (vocab, extra)`` the trainable part.
     """
+
+    expansion_parameter_names = ("weight_up",)
 
     def __init__(
         self,
@@ -550,3 +613,17 @@ class ScaleEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}+{self.extra}, padding_idx={self.padding_idx}"
+
+    @torch.no_grad()
+    def to_dense(self, *, route: float = 1.0) -> nn.Embedding:
+        """``nn.Embedding`` of the table ``[E ; E_up]`` (``(vocab, embedding_dim + extra)``; ``route`` does not
+        apply to an embedding)."""
+        table = torch.cat([self.weight, self.weight_up], dim=1)
+        return nn.Embedding.from_pretrained(table, freeze=False, padding_idx=self.padding_idx)
+
+
+EXPANSION_MODULES: tuple[type[ExpansionModule], ...] = (ScaleLinear, ScaleRMSNorm, ScaleEmbedding)
+# every expansion parameter name of every module, in first-seen order (ScaleLMHead's W_head_up is weight_12)
+EXPANSION_PARAM_NAMES: tuple[str, ...] = tuple(
+    dict.fromkeys(name for cls in EXPANSION_MODULES for name in cls.expansion_parameter_names)
+)

@@ -2,6 +2,9 @@
 
 ``[y ; y_up] = [[W, r * W12], [W21, W22]] @ [x ; x_up] + [b ; b_up]`` per token, written with ordinary
 differentiable ops so that autograd (in any dtype, fp64 included) gives the reference gradients.
+
+It is also the benchmarks' hand-written baseline (``benchmarks.layers.HandWrittenUpscaledLinear``): the layer as a
+user writes it without this package. Keep it plain PyTorch ops: no validation, no dispatch, no fusion.
 """
 
 from __future__ import annotations

@@ -25,23 +25,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
-import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .modules import RouteState
+from .modules import RouteState, check_size
 
 Tensor = torch.Tensor
 ROUTE_KWARG = "scale_route"
+# attributes route.py sets on an upscaled model (removed by uninstall_route_hook)
+_STATE_ATTR, _HAS_ROUTE_ATTR, _HOOK_ATTR = "_scale_state", "scale_has_route", "_scale_route_hook"
+_GENERATION_HOOK = "prepare_inputs_for_generation"
 
 
 def route_state_of(model: nn.Module) -> RouteState:
     """The :class:`RouteState` of a model returned by :func:`scale_kernels.upscale_model`."""
-    state = getattr(model, "_scale_state", None)
+    state = getattr(model, _STATE_ATTR, None)
     if not isinstance(state, RouteState):
         raise ValueError(
             f"model ({type(model).__name__}) is not an upscaled model: call scale_kernels.upscale_model first"
@@ -59,7 +62,7 @@ def _input_batch_seq(args: tuple, kwargs: dict) -> tuple[int, int, torch.device]
 
 
 def _past_length(kwargs: dict) -> int:
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed the KV cache kwarg in 5.x
     if past is None or not hasattr(past, "get_seq_length"):
         return 0
     return int(past.get_seq_length())
@@ -102,7 +105,7 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     if mask is None:
         state.mask = None
         return args, kwargs
-    if not getattr(module, "scale_has_route", False):
+    if not getattr(module, _HAS_ROUTE_ATTR, False):
         raise ValueError(
             f"{ROUTE_KWARG} was given but this upscaled model has nothing to route (mode='preserve' without "
             "gate_head); upscale with mode='route' or 'adapt', or with gate_head=True"
@@ -112,23 +115,62 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return args, kwargs
 
 
-def _validate_model_kwargs_without_route(self: nn.Module, model_kwargs: dict) -> None:
-    """``generate`` rejects kwargs not named in ``forward``'s signature: exempt ``scale_route``.
+class _PrepareInputsWithRoute:
+    """``prepare_inputs_for_generation`` of an upscaled model: the class method, plus a ``scale_route`` argument.
 
-    generate keeps unknown model kwargs across steps and passes them to every forward, where the pre-hook
-    consumes them.
+    ``generate`` keeps the kwargs it does not know as model kwargs, hands them to ``prepare_inputs_for_generation``
+    at every step and what that returns to ``forward`` (where the pre-hook consumes ``scale_route``). It accepts a
+    model kwarg only if ``prepare_inputs_for_generation``'s signature names it (or, when that takes ``**kwargs``,
+    ``forward``'s does), so this callable's ``__signature__`` is the class method's plus a keyword-only
+    ``scale_route``. Every other argument goes to the class method unchanged. Stored on the model instance; it
+    holds the model (not a closure), so ``copy.deepcopy`` and pickling carry it over to the copy.
     """
-    model_kwargs = dict(model_kwargs)
-    model_kwargs.pop(ROUTE_KWARG, None)
-    return type(self)._validate_model_kwargs(self, model_kwargs)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _class_method(self) -> Callable:
+        return getattr(type(self.model), _GENERATION_HOOK)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self._class_method())
+        params = list(signature.parameters.values())[1:]  # without self
+        var_keyword = [params.pop()] if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else []
+        route = inspect.Parameter(ROUTE_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
+        return signature.replace(parameters=[*params, route, *var_keyword])
+
+    def __call__(self, *args, **kwargs) -> dict:
+        mask = kwargs.pop(ROUTE_KWARG, None)
+        inputs = self._class_method()(self.model, *args, **kwargs)
+        if mask is not None:
+            inputs[ROUTE_KWARG] = mask
+        return inputs
 
 
-def install_route_hook(model: nn.Module, state: RouteState) -> None:
-    """Attach ``state`` to ``model`` and let ``model(..., scale_route=mask)`` / ``generate`` set its mask."""
-    model._scale_state = state
-    model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True)
-    if hasattr(type(model), "_validate_model_kwargs"):  # bound per instance (deepcopy rebinds it)
-        model._validate_model_kwargs = types.MethodType(_validate_model_kwargs_without_route, model)
+def install_route_hook(model: nn.Module, state: RouteState, *, has_route: bool) -> None:
+    """Attach ``state`` to ``model`` and let ``model(..., scale_route=mask)`` / ``generate`` set its mask.
+
+    ``has_route``: whether the model has anything to route (else ``scale_route`` is an error). Installs a forward
+    pre-hook (its handle is kept, so :func:`uninstall_route_hook` removes exactly it) and, for HF generation
+    models, a per-instance ``prepare_inputs_for_generation`` that declares ``scale_route`` (see
+    :class:`_PrepareInputsWithRoute`).
+    """
+    setattr(model, _STATE_ATTR, state)
+    setattr(model, _HAS_ROUTE_ATTR, has_route)
+    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True))
+    if hasattr(type(model), _GENERATION_HOOK):
+        setattr(model, _GENERATION_HOOK, _PrepareInputsWithRoute(model))
+
+
+def uninstall_route_hook(model: nn.Module) -> None:
+    """Undo :func:`install_route_hook`: remove its pre-hook, its ``prepare_inputs_for_generation`` and its
+    attributes. Hooks that others registered on ``model`` are left alone."""
+    handle = model.__dict__.pop(_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    for attr in (_GENERATION_HOOK, _STATE_ATTR, _HAS_ROUTE_ATTR):
+        model.__dict__.pop(attr, None)
 
 
 @contextlib.contextmanager
@@ -145,6 +187,12 @@ def original_stream(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.original_only = previous
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The KV cache's name as ``model.forward``'s argument and output field: ``cache`` in recent transformers 5.x
+    releases, ``past_key_values`` in earlier ones (kept there as a deprecated alias)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -229,8 +277,7 @@ class RoutePolicy:
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_size("max_new_tokens", max_new_tokens, minimum=1)
         total = input_ids.shape[1] + max_new_tokens
         seqs = input_ids.new_full((input_ids.shape[0], total), pad_token_id)
         routes = torch.zeros(input_ids.shape[0], total - 1, dtype=torch.bool, device=input_ids.device)
@@ -243,9 +290,10 @@ class RoutePolicy:
     def _generate_one(
         self, model: nn.Module, prompt: Tensor, max_new_tokens: int, eos_token_id: int | None
     ) -> tuple[Tensor, Tensor]:
+        key = _cache_name(model)
         route = self.compute_route(model, prompt)[0]
         out = model(prompt, scale_route=route[None], use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out[key], out.logits[:, -1]
         tokens, routes = [prompt[0]], [route]
         for step in range(max_new_tokens):
             tok = logits.argmax(-1, keepdim=True)  # (1, 1)
@@ -253,13 +301,10 @@ class RoutePolicy:
             if step == max_new_tokens - 1 or (eos_token_id is not None and tok.item() == eos_token_id):
                 break
             cache_adapt = copy.deepcopy(cache)
-            out0 = model(tok, past_key_values=cache, scale_route=False, use_cache=True)
-            out1 = model(tok, past_key_values=cache_adapt, scale_route=True, use_cache=True)
+            out0 = model(tok, scale_route=False, use_cache=True, **{key: cache})
+            out1 = model(tok, scale_route=True, use_cache=True, **{key: cache_adapt})
             adapt = self.route_from_logits(out0.logits[:, -1], out1.logits[:, -1])
             routes.append(adapt)
-            cache, logits = (
-                (out1.past_key_values, out1.logits[:, -1])
-                if adapt.item()
-                else (out0.past_key_values, out0.logits[:, -1])
-            )
+            chosen = out1 if adapt.item() else out0
+            cache, logits = chosen[key], chosen.logits[:, -1]
         return torch.cat(tokens), torch.cat(routes)

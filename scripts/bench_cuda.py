@@ -1,21 +1,20 @@
-#!/usr/bin/env python3
 """Benchmark of the ``cuda`` backend: decode latency against the alternatives, large-T forward against a GEMM.
 
 Decode (default T = 1, 4, 16, 64 tokens, d = 4096, e = 1024, every mode, inference forward): ``cuda`` (the
 one-launch decode kernel), ``cuda_op`` (the same op called directly, without the Python dispatch layers),
 ``triton``, ``torch`` (the composed backend) and ``handwritten`` (plain PyTorch as a user writes it), all in
-the same run. Each is timed twice with benchmarks/timing.py: one call (GPU time, L2 flushed between runs) and
+the same run. Each is timed twice with benchmarks.timing: one call (GPU time, L2 flushed between runs) and
 per call in a loop of 20 back-to-back calls (host overhead included where it dominates, as in a decode loop).
 Achieved HBM bandwidth = the bytes a call must move (every weight element once, x, y) / time, also as a
-fraction of 3 TB/s. Ratios: other / cuda (> 1: cuda is faster); targets from issue 12: >= 3x handwritten and
->= 1.5x triton at T <= 16.
+fraction of 3 TB/s. Ratios: other / cuda (> 1: cuda is faster); targets: >= 3x handwritten and >= 1.5x triton
+at T <= 16.
 
 Large T (default 4096 and 16384): ``cuda`` forward (ATen GEMMs into output slices) against one frozen GEMM of
 the same FLOPs (benchmarks.cases.equal_flop_gemm_shape); target >= 0.9x.
 
 Writes ``--out`` (JSON, rewritten after every case so a cut-short run keeps what it measured) and a Markdown
-summary next to it (same name, ``.md``). Needs a CUDA device and the built extension (docs/cuda.md). Run by
-scripts/gpu_check_cuda.sh.
+summary next to it (same name, ``.md``). Needs a CUDA device and the built extension (docs/cuda.md). Run from
+the repository root as ``python -m scripts.bench_cuda --out FILE``, by scripts/gpu_check_cuda.sh.
 """
 
 from __future__ import annotations
@@ -23,27 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the benchmarks package lives in the source tree, next to scale_kernels
-
-from benchmarks.baselines import EqualFlopGemm, FusedUpscaledLinear, HandWrittenUpscaledLinear  # noqa: E402
-from benchmarks.cases import MODES, LayerCase, equal_flop_gemm_shape  # noqa: E402
-from benchmarks.impls import usable_backends  # noqa: E402
-from benchmarks.timing import TimerConfig, Timing, measure  # noqa: E402
-from scale_kernels.ops import cuda_upscaled_linear  # noqa: E402
+from benchmarks.cases import MODES, LayerCase, equal_flop_gemm_shape
+from benchmarks.impls import usable_backends
+from benchmarks.layers import EqualFlopGemm, FusedUpscaledLinear, HandWrittenUpscaledLinear
+from benchmarks.timing import TimerConfig, Timing, measure
+from scale_kernels.ops import cuda_upscaled_linear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DECODE_IMPLS = ("cuda", "cuda_op", "triton", "torch", "handwritten")
 REFERENCE_HBM_BYTES_PER_S = 3.0e12
 LOOP_CALLS = 20
-TARGETS = {"handwritten": 3.0, "triton": 1.5}  # decode forward speed-up of cuda at T <= 16 (issue 12)
+TARGETS = {"handwritten": 3.0, "triton": 1.5}  # decode forward speed-up of cuda at T <= 16
 TARGET_DECODE_TOKENS = 16
 TARGET_GEMM_RATIO = 0.9  # large-T forward: cuda at >= 0.9x the equal-FLOP GEMM's speed
 
@@ -207,7 +201,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_cuda", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (plus a .md summary)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--d", type=int, default=4096)
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition time per measurement")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda.py needs a CUDA device")
+        raise SystemExit("scripts.bench_cuda needs a CUDA device")
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     available = usable_backends(device, dtype)
     if available.get("cuda") is not None:

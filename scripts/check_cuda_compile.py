@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Compile-check the CUDA sources in ``csrc/`` without a GPU and without a CUDA build of torch.
 
 * every ``csrc/*.cu`` (torch-free) is compiled with ``nvcc -c`` for each requested architecture, with the
@@ -9,9 +8,9 @@
   ``csrc/arg_check.cpp``) registered for CPU tensors as ``torch.ops.scale_kernels_cuda_emu``, with the decode
   kernel's device code run by the CPU emulation (``csrc/emulate/``); needs only g++ and the installed torch.
 
-Usage: ``python scripts/check_cuda_compile.py [--arch 80 --arch 90a] [--jobs 2] [--no-binding] [--no-cpu-lib]``.
-Exit status 0 when everything compiled, 1 on a failure, 77 when nvcc is not found (a skip).
-Imported by ``tests/test_csrc_compile.py``.
+Usage (from the repository root): ``python -m scripts.check_cuda_compile [--arch 80 --arch 90a] [--jobs 2]
+[--no-binding] [--no-cpu-lib]``. Exit status 0 when everything compiled, 1 on a failure, 77 when nvcc is not found
+(a skip). ``tests/test_csrc_compile.py`` imports it (``from scripts import check_cuda_compile``).
 """
 
 from __future__ import annotations
@@ -211,7 +210,7 @@ def build_cpu_test_library(out_dir: Path, jobs: int = 2) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.check_cuda_compile", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", help="e.g. 80, 90a (repeatable; default 80 and 90a)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes")
     parser.add_argument("--no-binding", action="store_true", help="skip the binding.cpp syntax check")

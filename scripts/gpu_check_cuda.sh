@@ -9,11 +9,11 @@
 # Steps, each under `timeout` with what is left of the budget (capped per step), skipped when too little is
 # left; a step that fails or times out never stops the later ones:
 #   1. build scale_kernels._C in place (SCALE_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace) ~20 s
-#   2. pytest tests/test_ops_cuda.py -m "not slow"                                                    ~30 s
-#   3. compute-sanitizer memcheck on tests/test_ops_cuda.py::test_sanitizer_cases (both scopes, torch's
+#   2. pytest tests/test_ops_cuda_extension.py -m "not slow"                                          ~30 s
+#   3. compute-sanitizer memcheck on tests/test_ops_cuda_extension.py::test_sanitizer_cases (both scopes, torch's
 #      caching allocator off so that every tensor is its own allocation)                              ~20 s
 #   4. compute-sanitizer racecheck on the decode-kernel scope of the same test                        ~15 s
-#   5. scripts/bench_cuda.py -> OUTDIR/cuda_bench.json (decode T = 1, 4, 16, 64 and T = 4096, 16384)  the rest
+#   5. python -m scripts.bench_cuda -> OUTDIR/cuda_bench.json (decode T = 1, 4, 16, 64; T = 4096, 16384) the rest
 # OUTDIR/cuda_check.md is the summary (rewritten after every step, so it exists even if the caller kills this
 # script); each step's output is in OUTDIR/cuda_<step>.log. Exit status: 0 when every step passed.
 set -uo pipefail
@@ -93,8 +93,8 @@ step "build ($SCALE_KERNELS_CUDA_ARCHS)" 90 build \
   env SCALE_KERNELS_BUILD_CUDA=1 $PY setup.py build_ext --inplace
 step "extension loads, cuda backend usable" 30 load \
   $PY -c "import scale_kernels as sk, torch; r = sk.available_backends('cuda', torch.bfloat16); print(r); assert r['cuda'] is None, r['cuda']"
-step "pytest tests/test_ops_cuda.py (not slow)" 75 tests \
-  $PY -m pytest tests/test_ops_cuda.py -q -rs -m "not slow" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+step "pytest tests/test_ops_cuda_extension.py (not slow)" 75 tests \
+  $PY -m pytest tests/test_ops_cuda_extension.py -q -rs -m "not slow" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
 SAN=$(command -v compute-sanitizer || true)
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
@@ -107,14 +107,14 @@ if [ -z "$SAN" ]; then
 else
   step "compute-sanitizer memcheck (test_sanitizer_cases, no caching allocator)" 60 memcheck \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 \
-    $PY -m pytest tests/test_ops_cuda.py -q -x -p no:cacheprovider -k test_sanitizer_cases
+    $PY -m pytest tests/test_ops_cuda_extension.py -q -x -p no:cacheprovider -k test_sanitizer_cases
   step "compute-sanitizer racecheck (decode kernel)" 45 racecheck \
     "$SAN" --tool racecheck --error-exitcode 9 \
-    $PY -m pytest tests/test_ops_cuda.py -q -x -p no:cacheprovider -k "test_sanitizer_cases and decode_forward"
+    $PY -m pytest tests/test_ops_cuda_extension.py -q -x -p no:cacheprovider -k "test_sanitizer_cases and decode_forward"
 fi
 
 step "benchmark (bf16) -> cuda_bench.json" 600 bench \
-  $PY scripts/bench_cuda.py --out "$OUT/cuda_bench.json"
+  $PY -m scripts.bench_cuda --out "$OUT/cuda_bench.json"
 [ -f "$OUT/cuda_bench.md" ] && { echo; cat "$OUT/cuda_bench.md"; } >>"$SUMMARY"
 cat "$SUMMARY"
 exit $overall

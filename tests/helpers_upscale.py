@@ -3,10 +3,11 @@
 Sizes: hidden 64, 2 layers, 4 query heads / 2 KV heads (GQA group 2), head_dim 16, FFN 128, vocab 100.
 Expansion used by default: +32 hidden, +1 KV head (+2 query heads), +64 FFN.
 
-Tolerance: ``ATOL = 1e-5`` on fp32 logits of magnitude ~1 (DESIGN §4.3). The original stream runs the same
-fp32 operations as the base model; the only differences are summation order (a sliced RMSNorm, the
-fused op's matmul on a column slice), a few ulps (~1e-7), so 1e-5 leaves two orders of margin while a real
-leak of the expansion (weights ~0.02, trained with lr 1e-2) moves logits by >1e-2.
+Tolerance: ``ATOL = 1e-5`` on fp32 logits of magnitude ~1. The rule: a Preserve model, and any freshly upscaled
+model, must reproduce the base model's logits (and its cached greedy generation) to 1e-5 in fp32. The original
+stream runs the same fp32 operations as the base model; the only differences are summation order (a sliced
+RMSNorm, the fused op's matmul on a column slice), a few ulps (~1e-7), so 1e-5 leaves two orders of margin while
+a real leak of the expansion (weights ~0.02, trained with lr 1e-2) moves logits by >1e-2.
 """
 
 from __future__ import annotations

@@ -16,26 +16,11 @@ import torch
 
 import scale_kernels
 from benchmarks import bench_layer, bench_model, targets
-from benchmarks.baselines import (
-    DenseLinear,
-    FusedUpscaledLinear,
-    HandWrittenUpscaledLinear,
-    handwritten_upscaled_linear,
-)
 from benchmarks.cases import MODES, PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, layer_cases
 from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload, usable_backends
-from benchmarks.results import (
-    SCHEMA,
-    comparisons,
-    default_out_dir,
-    failure_status,
-    impl_backend,
-    load_json,
-    merge_results,
-    new_results,
-    package_impl,
-    save,
-)
+from benchmarks.layers import DenseLinear, FusedUpscaledLinear, HandWrittenUpscaledLinear
+from benchmarks.results import comparisons, default_out_dir, failure_status, merge_results, new_results, save
+from benchmarks.schema import SCHEMA, impl_backend, load_json, package_impl
 from benchmarks.timing import SMOKE_TIMER, TimerConfig, Timing, measure, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +57,7 @@ def test_equal_flop_gemm_is_within_rounding_of_the_layer():
 
 def test_case_grid_and_phases():
     full = layer_cases(smoke=False)
-    assert len(full) == 4 * 3  # issue 11: d=4096 x T in {16384, 4096, 16, 1} x 3 modes, targets' shape first
+    assert len(full) == 4 * 3  # d=4096 x T in {16384, 4096, 16, 1} x 3 modes, targets' shape first
     assert {(c.d, c.e) for c in full} == {(4096, 1024)} and full[0].tokens == 16384
     assert {c.tokens for c in full if c.phase == "decode"} == {1, 16}
     assert all(c.tokens >= 4096 for c in full if c.phase == "prefill")
@@ -82,22 +67,6 @@ def test_case_grid_and_phases():
 
 
 # ------------------------------------------------------------------------------------------- baselines
-@pytest.mark.parametrize("mode", MODES)
-def test_handwritten_matches_reference_in_fp64(mode):
-    gen = torch.Generator().manual_seed(0)
-    d_in, e_in, d_out, e_out, t = 6, 3, 5, 2, 7
-    x = torch.randn(2, t, d_in + e_in, generator=gen, dtype=torch.float64)
-    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    w21 = torch.randn(e_out, d_in, generator=gen, dtype=torch.float64)
-    w22 = torch.randn(e_out, e_in, generator=gen, dtype=torch.float64)
-    w12 = None if mode == "preserve" else torch.randn(d_out, e_in, generator=gen, dtype=torch.float64)
-    bias, bias_up = torch.randn(d_out, dtype=torch.float64), torch.randn(e_out, dtype=torch.float64)
-    route = (torch.rand(2, t, generator=gen) < 0.5) if mode == "route" else None
-    got = handwritten_upscaled_linear(x, w, w21, w22, w12, bias, bias_up, route)
-    want = scale_kernels.upscaled_linear_reference(x, w, w21, w22, w12, bias, bias_up, route)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # same fp64 ops: equal up to summation order
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_package_and_handwritten_layers_compute_the_same(mode):
     case = LayerCase(9, 16, 4, mode)
@@ -512,7 +481,7 @@ def test_run_all_goes_on_without_matplotlib(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
-    """Issue 13: scale_kernels[auto], the memory estimator's prediction per record, the 8B status target."""
+    """Model benchmark: scale_kernels[auto], the memory estimator's prediction per record, the 8B status target."""
     out = tmp_path / "model.json"
     argv = ["--smoke", "--out", str(out), "--variants", "full_ft", "upscaled", "--checkpointing", "on"]
     assert bench_model.main(argv) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from helpers_upscale import ATOL, base_model, logits, max_diff, token_ids, train
 from safetensors.torch import load_file
 
 import scale_kernels as sk
-from scale_kernels.checkpoint import EXPANSION_CONFIG, EXPANSION_PARAM_NAMES, EXPANSION_WEIGHTS
 from scale_kernels.modules import GroupedRMSNorm, ScaleEmbedding, ScaleLinear, ScaleRMSNorm
+from scale_kernels.parameters import count_parameters, expansion_state_dict, trainable_state_dict
+from scale_kernels.serialization import EXPANSION_CONFIG, EXPANSION_PARAM_NAMES, EXPANSION_WEIGHTS
 
 
 def _trained(family: str, mode: str, **kwargs) -> torch.nn.Module:
@@ -91,6 +94,53 @@ def test_merge_to_dense_reproduces_logits(family, mode):
     q = dense.model.layers[0].self_attn.q_proj
     assert isinstance(q, torch.nn.Linear) and q.weight.shape == (96, 96)
     assert max_diff(logits(model, ids), ref) == 0.0  # the upscaled model is left untouched
+
+
+def test_merge_to_dense_keeps_the_users_hooks_and_drops_only_the_packages():
+    model = _trained("llama", "route")
+    ids = token_ids()
+    ref = logits(model, ids, scale_route=True)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model.register_forward_hook(lambda module, args, output: calls.append("post"))
+    model.model.layers[0].register_forward_hook(lambda module, args, output: calls.append("layer"))
+    dense = sk.merge_to_dense(model, route=1.0)
+    calls.clear()
+    assert max_diff(logits(dense, ids), ref) <= ATOL  # same outputs, and the user's hooks still run
+    assert calls == ["pre", "layer", "post"]
+    assert len(dense._forward_pre_hooks) == len(dense._forward_hooks) == 1  # the user's only (read, not touched)
+    for attr in ("scale_has_route", "scale_fused_loss", "scale_upscaled_modules", "prepare_inputs_for_generation"):
+        assert attr not in vars(dense), attr
+    with pytest.raises(ValueError, match=r"not used by the model: \['scale_route'\]"):  # generate's own check
+        dense.generate(ids[:1], max_new_tokens=1, scale_route=True)
+    calls.clear()  # the upscaled model keeps its hooks: the route still works, the user's hooks run once
+    assert max_diff(logits(model, ids, scale_route=True), ref) == 0.0
+    assert calls == ["pre", "layer", "post"]
+    model.train()  # and its fused loss too (logits None)
+    assert model(ids, labels=ids).logits is None and dense.train()(ids, labels=ids).logits is not None
+
+
+def test_expansion_state_dict_holds_exactly_the_new_parameters():
+    model = upscaled(base_model("llama_tied"), "adapt", adapt_layers=[1])
+    names = set(expansion_state_dict(model))
+    assert names == {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in EXPANSION_PARAM_NAMES}
+    assert "lm_head.weight_12" in names and "model.embed_tokens.weight_up" in names
+    assert "model.layers.0.self_attn.q_proj.weight_12" not in names  # Preserve layer: no W12
+    trainable = trainable_state_dict(model)
+    assert set(trainable) == {n for n in names if expansion_state_dict(model)[n].numel()}
+    assert count_parameters(model) == (
+        sum(t.numel() for t in trainable.values()),
+        sum(p.numel() for p in model.parameters()),
+    )
+
+
+def test_checkpoint_module_is_a_deprecated_alias():
+    sys.modules.pop("scale_kernels.checkpoint", None)
+    with pytest.warns(DeprecationWarning, match="scale_kernels.checkpoint is deprecated"):
+        old = importlib.import_module("scale_kernels.checkpoint")
+    assert old.merge_to_dense is sk.merge_to_dense and old.save_expansion is sk.save_expansion
+    assert old.EXPANSION_PARAM_NAMES is EXPANSION_PARAM_NAMES and old.EXPANSION_WEIGHTS == EXPANSION_WEIGHTS
+    assert old.trainable_parameter_report is sk.trainable_parameter_report
 
 
 def test_merge_route_model_needs_a_fixed_route():

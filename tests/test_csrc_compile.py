@@ -2,13 +2,13 @@
 
 1. ``csrc/decode.cu`` compiles with nvcc for sm_80 and sm_90a, and ``csrc/binding.cpp`` passes ``g++
    -fsyntax-only`` against torch's headers (both skipped with the reason when not feasible).
-2. The CPU test library (``scripts/check_cuda_compile.py``): the extension's very ops (``csrc/ops.h``: argument
+2. The CPU test library (``scripts.check_cuda_compile``): the extension's very ops (``csrc/ops.h``: argument
    checks, decode kernel for <= 64 tokens, ATen GEMMs otherwise, both backward ops) registered for CPU tensors
    as ``torch.ops.scale_kernels_cuda_emu``, the decode kernel's device code run by the CPU emulation
    (``csrc/emulate/``). Through it, the ``cuda`` backend passes the shared reference test (forward and every
    gradient, fp32/fp16/bf16) and every bad argument raises a TypeError/ValueError naming it. What this cannot
    show (nvcc code generation, real tensor-core numerics, the CUDA parts of the binding, timing, the memory
-   model) is left to tests/test_ops_cuda.py and compute-sanitizer on a GPU (scripts/gpu_check_cuda.sh).
+   model) is left to tests/test_ops_cuda_extension.py and compute-sanitizer on a GPU (scripts/gpu_check_cuda.sh).
 3. The torch-free argument checker on hand-made tensor descriptions (devices, storage and sizes a CPU test
    cannot produce).
 4. ``setup.py`` builds nothing without SCALE_KERNELS_BUILD_CUDA=1 and fails clearly with it when it cannot.
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import os
 import re
@@ -31,19 +30,11 @@ from helpers import assert_matches_reference, make_non_contiguous, make_operands
 
 import scale_kernels as sk
 from scale_kernels.ops import cuda_upscaled_linear as cuda_backend
+from scripts import check_cuda_compile as check
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_check_script():
-    spec = importlib.util.spec_from_file_location("check_cuda_compile", ROOT / "scripts" / "check_cuda_compile.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-check = _load_check_script()
 NVCC = check.find_nvcc()
 needs_nvcc = pytest.mark.skipif(
     NVCC is None,
@@ -319,7 +310,7 @@ def test_forward_accepts_the_good_arguments_and_any_strides(cpu_lib):
 
 
 def test_the_gpu_test_sequence_that_crashed_raises_cleanly(cpu_lib):
-    """tests/test_ops_cuda.py::test_binding_rejects_bad_arguments, call for call, on the CPU ops (the old
+    """tests/test_ops_cuda_extension.py::test_binding_rejects_bad_arguments, call for call, on the CPU ops (the old
     binding segfaulted on a GPU in the second call)."""
     ops = torch.ops.scale_kernels_cuda_emu
     x = torch.randn(4, 6)

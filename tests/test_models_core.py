@@ -18,8 +18,7 @@ from helpers_upscale import (
 )
 
 import scale_kernels as sk
-from scale_kernels.checkpoint import EXPANSION_PARAM_NAMES
-from scale_kernels.modules import ScaleLinear
+from scale_kernels.modules import EXPANSION_PARAM_NAMES, ScaleLinear
 
 MODES = ("preserve", "adapt", "route")
 

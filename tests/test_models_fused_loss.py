@@ -15,6 +15,7 @@ import torch
 from helpers_upscale import base_model, token_ids, upscaled
 
 import scale_kernels as sk
+from scale_kernels.models.fused_loss import install_fused_loss
 from scale_kernels.modules import ScaleLMHead
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -143,6 +144,10 @@ def test_opt_out_and_bad_switch():
     assert model.scale_fused_loss is False and model(ids, labels=ids).logits is not None
     with pytest.raises(TypeError, match="fused_loss must be a bool"):
         upscaled(base_model("llama"), fused_loss="yes")
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))  # read only: how many hooks are installed
+    install_fused_loss(model, True)  # a second install only flips the switch
+    assert model.scale_fused_loss is True and (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    assert model(ids, labels=ids).logits is None
 
 
 def test_a_forward_that_raises_leaves_no_request_behind():

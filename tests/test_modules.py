@@ -11,7 +11,14 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import scale_kernels as sk
-from scale_kernels.modules import GroupedRMSNorm, RouteState, ScaleEmbedding, ScaleLMHead, ScaleRMSNorm
+from scale_kernels.modules import (
+    EXPANSION_PARAM_NAMES,
+    GroupedRMSNorm,
+    RouteState,
+    ScaleEmbedding,
+    ScaleLMHead,
+    ScaleRMSNorm,
+)
 
 ATOL = 1e-5  # fp32, values O(1): only summation order differs from the explicit block matmul
 
@@ -48,6 +55,52 @@ def test_forward_matches_block_matrix(mode, extra_in, extra_out, bias):
     assert m(x).shape == (2, 3, 9 + extra_out)
     assert torch.allclose(m(x), _block_reference(m, x), atol=ATOL)
     assert torch.allclose(m(x, route=route), _block_reference(m, x, route), atol=ATOL)
+
+
+@pytest.mark.parametrize(("mode", "extra_in", "extra_out", "bias"), [("route", 3, 5, True), ("preserve", 0, 4, False)])
+def test_scale_linear_to_dense_folds_the_route_into_the_weights(mode, extra_in, extra_out, bias):
+    m = sk.ScaleLinear.from_linear(nn.Linear(7, 9, bias=bias), extra_in, extra_out, mode=mode, generator=_gen())
+    with torch.no_grad():
+        for p in (m.weight_12, m.bias_up):
+            if p is not None:
+                p.normal_(generator=_gen(1))
+    x = torch.randn(4, 7 + extra_in, generator=_gen(2))
+    for route in (0.0, 0.3, 1.0):
+        dense = m.to_dense(route=route)
+        assert type(dense) is nn.Linear and dense.weight.shape == (9 + extra_out, 7 + extra_in)
+        assert (dense.bias is not None) == bias and dense.weight.requires_grad
+        assert dense.weight.data_ptr() != m.weight.data_ptr()  # its own tensors
+        assert torch.allclose(dense(x), _block_reference(m, x, torch.full((4,), route)), atol=ATOL)
+
+
+def test_lm_head_to_dense_ignores_the_route_unless_gated():
+    head = ScaleLMHead.from_head(nn.Linear(8, 10, bias=False), 4)
+    with torch.no_grad():
+        head.weight_12.normal_(generator=_gen())
+    h = torch.randn(3, 12, generator=_gen(1))
+    assert torch.allclose(head.to_dense(route=0.0)(h), head(h), atol=ATOL)
+    head.routable = True  # upscale_model(..., gate_head=True)
+    assert torch.allclose(head.to_dense(route=0.0)(h), h[:, :8] @ head.weight.t(), atol=ATOL)
+
+
+def test_norm_and_embedding_to_dense_compute_the_same():
+    norm = ScaleRMSNorm(8, 4)
+    with torch.no_grad():
+        norm.weight_up.normal_(generator=_gen())
+    x = torch.randn(3, 12, generator=_gen(1))
+    dense_norm = norm.to_dense()
+    assert type(dense_norm) is GroupedRMSNorm and torch.equal(dense_norm(x), norm(x))
+    emb = ScaleEmbedding.from_embedding(nn.Embedding(20, 8, padding_idx=0), 4, generator=_gen(2))
+    dense_emb = emb.to_dense()
+    ids = torch.tensor([[0, 3, 19]])
+    assert type(dense_emb) is nn.Embedding and dense_emb.padding_idx == 0 and torch.equal(dense_emb(ids), emb(ids))
+
+
+def test_expansion_parameter_names_are_the_modules_own():
+    assert EXPANSION_PARAM_NAMES == ("weight_21", "weight_22", "weight_12", "bias_up", "weight_up")
+    m = sk.ScaleLinear(4, 3, 2, 2, bias=False, mode="preserve")
+    assert [n for n, _ in m.expansion_parameters()] == ["weight_21", "weight_22"]  # absent W12 / b_up skipped
+    assert [n for n, _ in ScaleRMSNorm(4, 2).expansion_parameters()] == ["weight_up"]
 
 
 def test_from_linear_reuses_frozen_weights_and_preserves_outputs():

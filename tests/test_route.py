@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from helpers_upscale import ATOL, base_model, greedy, logits, max_diff, token_ids, train_steps, upscaled
@@ -25,8 +28,6 @@ def trained(base):
 
 
 def _zero_w12_copy(model):
-    import copy
-
     clone = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in clone.named_parameters():
@@ -79,6 +80,30 @@ def test_generate_with_constant_and_full_length_route_matches_uncached_greedy(tr
     assert torch.equal(out, seq)
     full = torch.full((1, 9), route, dtype=torch.bool)  # prompt + new tokens: sliced at the cache position
     assert torch.equal(greedy(trained, ids, new=4, scale_route=full), seq)
+
+
+def test_generate_slices_a_varying_full_length_route_at_the_cache_position(trained):
+    ids = token_ids(batch=1, seq=5)
+    full = torch.tensor([[True, False, True, True, False, True, False, True, False]])  # prompt + 4 new tokens
+    out = greedy(trained, ids, new=4, scale_route=full, return_dict_in_generate=True, output_logits=True)
+    for step, step_logits in enumerate(out.logits):  # uncached: the prefix's own slice of the mask
+        prefix = out.sequences[:, : 5 + step]
+        expected = logits(trained, prefix, scale_route=full[:, : prefix.shape[1]])[:, -1]
+        assert max_diff(step_logits, expected) <= ATOL, step
+
+
+def test_generate_still_rejects_unknown_model_kwargs(trained):
+    with pytest.raises(ValueError, match=r"not used by the model: \['scale_rout'\]"):
+        greedy(trained, token_ids(batch=1), new=1, scale_rout=True)
+
+
+def test_a_deep_copied_or_pickled_model_keeps_its_route(trained):
+    ids = token_ids(batch=1, seq=5)
+    ref_logits, ref_tokens = logits(trained, ids, scale_route=False), greedy(trained, ids, new=3, scale_route=False)
+    assert not torch.equal(ref_tokens, greedy(trained, ids, new=3, scale_route=True))
+    for clone in (copy.deepcopy(trained), pickle.loads(pickle.dumps(trained))):
+        assert torch.equal(logits(clone, ids, scale_route=False), ref_logits)
+        assert torch.equal(greedy(clone, ids, new=3, scale_route=False), ref_tokens)
 
 
 def test_route_mask_errors(base, trained):
@@ -241,5 +266,5 @@ def test_policy_generate_keeps_the_chosen_path_in_the_cache(trained):
     # teacher-forced forward with the recorded route reproduces every greedy choice
     out = logits(trained, seqs[:, :-1], scale_route=route)
     assert torch.equal(out[:, 4:].argmax(-1), seqs[:, 5:])
-    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         policy.generate(trained, ids, max_new_tokens=0)

@@ -4,7 +4,7 @@
 // emulation. Plus C entry points for ctypes: the torch-free checker on hand-made tensor descriptions (devices
 // and storage a CPU cannot produce) and a count of the emulated decode launches.
 //
-// Built by scripts/check_cuda_compile.py (build_cpu_test_library) for tests/test_csrc_compile.py.
+// Built by scripts.check_cuda_compile (build_cpu_test_library) for tests/test_csrc_compile.py.
 #include <algorithm>
 #include <cstring>
 

@@ -5,9 +5,9 @@
 //
 // Covered: the launch shape, 128-bit and scalar loads (alignment asserted), edges and zero fill, the mma
 // operand packing against the PTX fragment layout, the fp32 core and its quad reduce-scatter, route, bias,
-// the cross-warp reduction and its barrier, rounding and the stores. Not covered (GPU only: tests/test_ops_cuda.py
-// and compute-sanitizer in scripts/gpu_check_cuda.sh): nvcc code generation, the tensor cores' own summation
-// order, the memory model and timing.
+// the cross-warp reduction and its barrier, rounding and the stores. Not covered (GPU only:
+// tests/test_ops_cuda_extension.py and compute-sanitizer in scripts/gpu_check_cuda.sh): nvcc code generation, the
+// tensor cores' own summation order, the memory model and timing.
 #define SCALE_KERNELS_HOST_EMULATION 1
 
 #include "decode_emulator.h"

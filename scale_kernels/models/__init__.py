@@ -2,6 +2,7 @@
 
 from .core import (
     ATTENTION,
+    FAMILIES,
     MLP,
     FamilySpec,
     UpscaleConfig,
@@ -12,6 +13,7 @@ from .core import (
 
 __all__ = [
     "ATTENTION",
+    "FAMILIES",
     "MLP",
     "FamilySpec",
     "UpscaleConfig",

@@ -17,6 +17,23 @@ head_dim)``, so appended heads come after the original ones; with GQA group ``g`
 KV head ``i // g``, and appending ``g * extra_kv_heads`` query heads after ``extra_kv_heads`` KV heads maps
 every new query head onto a new KV head (``(n_q + j) // g = n_kv + j // g``). head_dim, the group size and
 RoPE are unchanged; the config is updated so the model reports its new sizes.
+
+The supported families (:data:`FAMILIES`) and what differs between them:
+
+* Llama (``LlamaForCausalLM``), the reference layout: q/k/v/o and MLP projections carry a bias only when
+  ``config.attention_bias`` / ``config.mlp_bias`` is set (:class:`~scale_kernels.ScaleLinear` keeps whatever bias
+  the layer has, frozen, and adds ``bias_up``). ``LlamaAttention`` reads ``head_dim`` and
+  ``num_key_value_groups`` at init; the group size is unchanged by construction. Rotary inverse frequencies depend
+  on ``head_dim`` only. ``tie_word_embeddings=True`` (Llama-3.2-1B) ties ``lm_head.weight`` to the embedding: the
+  frozen part stays shared, the head's ``W_head_up`` is its own zero-initialised parameter.
+* Qwen2 (``Qwen2ForCausalLM``): q/k/v always have a bias, o_proj and the MLP none (the new q/k/v heads get a
+  trainable zero-initialised ``bias_up``). ``Qwen2Config`` has no ``head_dim`` field (the attention falls back to
+  ``hidden_size // num_attention_heads``), so upscaling writes ``head_dim`` into the config: ``(hidden +
+  extra_hidden) / (heads + extra_heads)`` is in general not the pretrained head_dim. Sliding-window layers only
+  change the attention mask.
+* Mistral (``MistralForCausalLM``): no biases; ``MistralConfig.head_dim`` is a real field (it may differ from
+  ``hidden_size // num_attention_heads``) and is kept. ``sliding_window`` only changes the attention mask; KV-cache
+  layers are sized from the tensors they receive, so extra KV heads need no cache changes.
 """
 
 from __future__ import annotations
@@ -41,8 +58,8 @@ from ..modules import (
     check_choice,
     check_size,
 )
-from ..route import install_route_hook
-from .fused_loss import install_fused_loss
+from ..route import install_route_hook, uninstall_route_hook
+from .fused_loss import install_fused_loss, uninstall_fused_loss
 
 logger = logging.getLogger("scale_kernels")
 
@@ -57,6 +74,7 @@ MODULE_ALIASES = {
     "all": ATTENTION + MLP,
 }
 CONFIG_KEY = "scale_upscale"
+UPSCALED_MODULES_ATTR = "scale_upscaled_modules"  # set on an upscaled model: how many modules were swapped
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,18 @@ class FamilySpec:
 
     model_class: str
     model_type: str
+
+    @property
+    def modeling_module(self) -> str:
+        """The transformers module defining the family (``transformers.models.llama.modeling_llama``)."""
+        return f"transformers.models.{self.model_type}.modeling_{self.model_type}"
+
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec(model_class="LlamaForCausalLM", model_type="llama"),
+    FamilySpec(model_class="Qwen2ForCausalLM", model_type="qwen2"),
+    FamilySpec(model_class="MistralForCausalLM", model_type="mistral"),
+)
 
 
 @dataclass(frozen=True)
@@ -127,15 +157,9 @@ class UpscaleConfig:
         }
 
 
-def _supported() -> dict[str, FamilySpec]:
-    from . import llama, mistral, qwen2
-
-    return {spec.model_class: spec for spec in (llama.SPEC, qwen2.SPEC, mistral.SPEC)}
-
-
 def family_of(model: nn.Module) -> FamilySpec:
     """The family spec of ``model``; ValueError naming the supported classes otherwise."""
-    supported = _supported()
+    supported = {spec.model_class: spec for spec in FAMILIES}
     name = type(model).__name__
     if name not in supported:
         raise ValueError(
@@ -408,9 +432,8 @@ def upscale_model(
     if builder.count == 0:  # cannot happen after validation; never let a no-op pass silently
         raise RuntimeError("upscale_model: no module was upscaled")
     _update_config(model, cfg)
-    model.scale_has_route = cfg.mode != "preserve" or cfg.gate_head
-    model.scale_upscaled_modules = builder.count
-    install_route_hook(model, state)
+    setattr(model, UPSCALED_MODULES_ATTR, builder.count)
+    install_route_hook(model, state, has_route=cfg.mode != "preserve" or cfg.gate_head)
     install_fused_loss(model, fused_loss)
     logger.info(
         "upscale_model: %d modules upscaled in %s (mode=%s, +%d hidden, +%d heads, +%d kv heads, +%d ffn)",
@@ -426,3 +449,12 @@ def upscale_config_of(model: nn.Module) -> UpscaleConfig:
     if not d:
         raise ValueError(f"{type(model).__name__} is not an upscaled model (no config.{CONFIG_KEY})")
     return UpscaleConfig.from_dict(d)
+
+
+def remove_upscale_hooks(model: nn.Module) -> None:
+    """Remove what :func:`upscale_model` attached to ``model`` itself: the route and fused-loss hooks and the
+    attributes they and this module set (hooks others registered stay). The expansion modules and the config
+    record are left as they are (:func:`scale_kernels.merge_to_dense` replaces them)."""
+    uninstall_route_hook(model)
+    uninstall_fused_loss(model)
+    model.__dict__.pop(UPSCALED_MODULES_ATTR, None)

@@ -26,6 +26,7 @@ from ..modules import HeadLossRequest, ScaleLMHead
 
 FUSED_LOSS_ATTR = "scale_fused_loss"
 _REQUEST_ATTR = "_scale_loss_request"
+_HOOKS_ATTR = "_scale_fused_loss_hooks"  # the handles of the two hooks (removed by uninstall_fused_loss)
 
 
 def fused_loss_applies(model: nn.Module, kwargs: dict) -> bool:
@@ -74,9 +75,21 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
 
 
 def install_fused_loss(model: nn.Module, enabled: bool = True) -> None:
-    """Install the hooks (once) and set the per-model switch ``model.scale_fused_loss = enabled``."""
+    """Install the hooks (once: a second call only sets the switch) and set ``model.scale_fused_loss = enabled``."""
     if not isinstance(enabled, bool):
         raise TypeError(f"fused_loss must be a bool, got {enabled!r}")
     setattr(model, FUSED_LOSS_ATTR, enabled)
-    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_post_hook, with_kwargs=True)
+    if _HOOKS_ATTR not in model.__dict__:
+        hooks = (
+            model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+            model.register_forward_hook(_post_hook, with_kwargs=True),
+        )
+        setattr(model, _HOOKS_ATTR, hooks)
+
+
+def uninstall_fused_loss(model: nn.Module) -> None:
+    """Undo :func:`install_fused_loss`: remove its two hooks and its attributes (other hooks stay)."""
+    for handle in model.__dict__.pop(_HOOKS_ATTR, ()):
+        handle.remove()
+    for attr in (FUSED_LOSS_ATTR, _REQUEST_ATTR):
+        model.__dict__.pop(attr, None)

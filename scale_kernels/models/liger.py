@@ -24,12 +24,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .core import FAMILIES
+
 LIGER_OPS = ("swiglu", "rope")
-_FAMILY_MODULES = {
-    "llama": "transformers.models.llama.modeling_llama",
-    "qwen2": "transformers.models.qwen2.modeling_qwen2",
-    "mistral": "transformers.models.mistral.modeling_mistral",
-}
+_FAMILY_MODULES = {spec.model_type: spec.modeling_module for spec in FAMILIES}
 
 
 def _import(name: str):

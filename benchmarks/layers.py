@@ -1,4 +1,4 @@
-"""The layers being compared: this package's fused op and the baselines of issue 6.
+"""The layers the layer benchmark compares: this package's fused op and the baselines.
 
 - :class:`FusedUpscaledLinear`: ``scale_kernels.upscaled_linear`` with a chosen backend.
 - :class:`HandWrittenUpscaledLinear`: what a user writes without this package (4 ``F.linear``, the route
@@ -19,34 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_kernels import upscaled_linear
+from scale_kernels.reference import upscaled_linear_reference
 
 Tensor = torch.Tensor
-
-
-def handwritten_upscaled_linear(
-    x: Tensor,
-    w: Tensor,
-    w21: Tensor,
-    w22: Tensor,
-    w12: Tensor | None = None,
-    bias: Tensor | None = None,
-    bias_up: Tensor | None = None,
-    route: Tensor | None = None,
-) -> Tensor:
-    """The upscaled linear as a user writes it in PyTorch: ``(..., d_in + e_in) -> (..., d_out + e_out)``.
-
-    Same arguments and semantics as ``scale_kernels.upscaled_linear``; autograd does the backward.
-    """
-    d_in = w.shape[1]
-    x0, x1 = x[..., :d_in], x[..., d_in:]
-    y = F.linear(x0, w, bias)
-    if w12 is not None:
-        y_12 = F.linear(x1, w12)
-        if route is not None:
-            y_12 = y_12 * route.unsqueeze(-1).to(y_12.dtype)
-        y = y + y_12
-    y_up = F.linear(x0, w21, bias_up) + F.linear(x1, w22)
-    return torch.cat([y, y_up], dim=-1)
 
 
 class UpscaledLayerParams(nn.Module):
@@ -71,11 +46,15 @@ class UpscaledLayerParams(nn.Module):
 
 
 class HandWrittenUpscaledLinear(UpscaledLayerParams):
-    """Baseline: :func:`handwritten_upscaled_linear` on the module's parameters."""
+    """Baseline: the layer as a user writes it in PyTorch, on the module's parameters.
+
+    That is ``scale_kernels.reference.upscaled_linear_reference``: the package's reference semantics are written
+    exactly that way (plain ``F.linear``, route multiply, ``cat``; no validation, no dispatch).
+    """
 
     def forward(self, x: Tensor, route: Tensor | None = None) -> Tensor:
         w, w21, w22, w12 = self.blocks()
-        return handwritten_upscaled_linear(x, w, w21, w22, w12, route=route)
+        return upscaled_linear_reference(x, w, w21, w22, w12, route=route)
 
 
 class FusedUpscaledLinear(UpscaledLayerParams):
