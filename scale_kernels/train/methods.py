@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from scale_kernels.parameters import count_parameters, trainable_state_dict
+
 from . import baseline_methods
 from .config import SCALE_METHODS, TrainConfig
 from .evaluate import Prediction, causal_lm_loss
@@ -26,23 +28,11 @@ from .evaluate import Prediction, causal_lm_loss
 Tensor = torch.Tensor
 
 
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """``{name: tensor}`` of the parameters that train (shared parameters listed once)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, shared (tied) parameters counted once."""
-    params = list(model.parameters())  # named/parameters() deduplicate shared tensors
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def save_trainable(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     """Write the trained tensors (``trainable.safetensors``) and ``method.json`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {n: t.contiguous().cpu() for n, t in trainable_state(model).items()}, str(directory / "trainable.safetensors")
-    )
+    tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
+    save_file(tensors, str(directory / "trainable.safetensors"))
     (directory / "method.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
@@ -273,7 +263,7 @@ def prepare_method(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
     """Apply ``cfg.method`` to ``model`` (in place; LoRA wraps it) and report what trains."""
     check_supported(model, cfg.method)
     setup = PREPARERS[cfg.method](model, cfg)
-    trainable, total = parameter_counts(setup.model)
+    trainable, total = count_parameters(setup.model)
     if trainable == 0:
         raise RuntimeError(f"method {cfg.method!r} left no trainable parameter")
     setup.details.update(trainable_params=trainable, total_params=total)

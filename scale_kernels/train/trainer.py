@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scale_kernels.parameters import trainable_state_dict
+
 from . import run_checkpoints
 from .base_cache import BaseReference
 from .config import TrainConfig
@@ -41,7 +43,7 @@ from .data import (
     spread_subset,
 )
 from .evaluate import autocast_context, evaluate
-from .methods import MethodSetup, check_supported, param_groups, prepare_method, trainable_state, unwrap
+from .methods import MethodSetup, check_supported, param_groups, prepare_method, unwrap
 from .model_loading import load_model_and_tokenizer
 
 Tensor = torch.Tensor
@@ -362,7 +364,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "tokens_seen": self.tokens_seen,
         }
-        tensors = trainable_state(unwrap(self.model))
+        tensors = trainable_state_dict(unwrap(self.model))
         return run_checkpoints.save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
