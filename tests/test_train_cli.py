@@ -214,6 +214,10 @@ def test_setup_prints_the_install_commands_when_pieces_are_missing(tmp_path, mon
     for command in ("demo", "sweep"):  # both check before training
         assert cli.main([command, "--out", str(tmp_path / command)]) == 1
         assert not (tmp_path / command).exists()
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(cli, "_install_commands", lambda: [failing])
+    assert cli.main(["setup", "--install"]) == 2
+    assert "-c raise SystemExit(3)` failed" in _error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("command", ["demo", "sweep"])

@@ -268,7 +268,8 @@ def _install_commands() -> list[list[str]]:
 
 
 def cmd_setup(install: bool) -> int:
-    """Install (optionally) what is missing, then build the model and corpus caches."""
+    """Install (optionally) what is missing, then build the model and corpus caches. Returns 1 (after printing
+    the commands) when pieces are missing and ``install`` is false; DataSetupError when a step fails."""
     from .corpora import BIBLE_MODULES, bible_documents, fortunes_documents
     from .model_loading import smollm2_model_dir
 
@@ -280,14 +281,13 @@ def cmd_setup(install: bool) -> int:
         return 1
     for c in cmds:
         print("+", " ".join(c), flush=True)
-        subprocess.run(c, check=True)
-    try:
-        print(f"model: {smollm2_model_dir()}")
-        counts = ", ".join(f"{name}: {len(bible_documents(name))} chapters" for name in BIBLE_MODULES)
-        print(f"fortunes: {len(fortunes_documents())} documents; {counts}")
-    except DataSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        try:
+            subprocess.run(c, check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            raise DataSetupError(f"`{' '.join(c)}` failed ({e}); run it yourself to see why") from e
+    print(f"model: {smollm2_model_dir()}")
+    counts = ", ".join(f"{name}: {len(bible_documents(name))} chapters" for name in BIBLE_MODULES)
+    print(f"fortunes: {len(fortunes_documents())} documents; {counts}")
     return 0
 
 
