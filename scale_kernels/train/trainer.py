@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scale_kernels.parameters import trainable_state_dict
+from scale_kernels.parameters import count_parameters, trainable_parameter_report, trainable_state_dict
 
 from . import run_checkpoints
 from .base_cache import BaseReference
@@ -291,8 +291,6 @@ class Trainer:
         """Load the model and data, apply the method, check that the function is preserved at step 0.
 
         Prints a line per phase with its duration (main process only)."""
-        from scale_kernels import trainable_parameter_report
-
         cfg.validate()
         if cfg.fsdp and cfg.save_every:
             raise ValueError("save_every > 0 (mid-run checkpoints) is not supported with fsdp=True yet")
@@ -305,8 +303,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with log.phase(f"model {cfg.model}") as result:
             model, tokenizer = load_model_and_tokenizer(cfg.model)
-            n_params = sum(p.numel() for p in model.parameters())
-            result(f"{type(model).__name__}, {n_params / 1e6:.1f}M parameters")
+            result(f"{type(model).__name__}, {count_parameters(model)[1] / 1e6:.1f}M parameters")
         check_supported(model, cfg.method)
         with log.phase("data") as result:
             data = build_data(cfg, tokenizer)
