@@ -124,8 +124,9 @@ def test_user_errors_are_one_error_line_with_exit_status_2(tmp_path, capsys, mon
     missing_data += ["--output-dir", str(tmp_path / "o"), "--progress", "false"]
     assert cli.main(missing_data) == 2
     assert "x.txt' is neither a file" in _error_line(capsys.readouterr().err)
-    with pytest.raises(ValueError, match="is neither a file"):  # --debug: the exception and its traceback
-        cli.main(["--debug", *missing_data])
+    for debug in (["--debug", *missing_data], [*missing_data[:1], "--debug", *missing_data[1:]]):
+        with pytest.raises(ValueError, match="is neither a file"):  # --debug: the exception and its traceback
+            cli.main(debug)
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(ValueError, match="is neither a file"):
         cli.main(missing_data)
