@@ -114,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"comma-separated, from {', '.join(DTYPES)} (default: float32,bfloat16, and float16 on a GPU)",
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     unknown = [d for d in (args.dtypes or "").split(",") if d and d not in DTYPES]
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
     interpreting = os.environ.get(INTERPRET_ENV) == "1"
     if args.interpret and not interpreting:  # triton reads the variable when imported: a fresh process
         env = {**os.environ, INTERPRET_ENV: "1"}
-        command = [sys.executable, "-m", "scale_kernels", *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.run(command, env=env).returncode
+        rest = [a for a in argv if a != "--interpret"]  # the child knows from the variable (and never re-runs)
+        return subprocess.run([sys.executable, "-m", "scale_kernels", *rest], env=env).returncode
     device = "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
     names = args.dtypes.split(",") if args.dtypes else ["float32", "bfloat16"] + ["float16"] * (device == "cuda")
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
