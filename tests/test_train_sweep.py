@@ -7,13 +7,10 @@ import json
 
 import pytest
 
-import scale_kernels
 from scale_kernels.train import report, sweep, trainer
 from scale_kernels.train.config import TrainConfig
 from scale_kernels.train.sweep import RunSpec, Variant, grid, run_sweep
 from scale_kernels.train.testing import SAMPLE_TEXT, make_tiny_model_dir
-
-HAS_SCALE = hasattr(scale_kernels, "upscale_model")
 
 
 # ---------------------------------------------------------------------- pure computations
@@ -114,7 +111,7 @@ def _base_cfg(files) -> TrainConfig:
         eval_sequences=2,
         progress=False,
         save_final=False,
-        backend="torch" if HAS_SCALE else None,
+        backend="torch",
     ).validate()
 
 
@@ -125,10 +122,9 @@ class _Interrupt(Exception):
 def test_sweep_writes_the_report_isolates_failures_and_resumes(files, tmp_path, monkeypatch):
     variants = [
         Variant("full", "full", (1e-3, 1e-2), description="Full fine-tuning."),
-        Variant("broken", "depth", (1e-3,), (("depth_blocks", 99),)),
-    ]  # fails when it runs
-    if HAS_SCALE:
-        variants.append(Variant("scale-preserve", "scale-preserve", (1e-2,)))
+        Variant("broken", "depth", (1e-3,), (("depth_blocks", 99),)),  # fails when it runs
+        Variant("scale-preserve", "scale-preserve", (1e-2,)),
+    ]
     runs = grid(variants, [0, 1])
     original, calls = trainer.Trainer.train_step, {"n": 0}
 
@@ -177,8 +173,7 @@ def test_sweep_writes_the_report_isolates_failures_and_resumes(files, tmp_path, 
     text = (tmp_path / "report" / "README.md").read_text()
     assert comparison["headline"][0] in text and "| full_lr0.01_s1 |" in text
     assert "Old-domain change by source over the trained runs" in text
-    if HAS_SCALE:
-        assert any(v["view"] == "gated_rule" for v in entries["scale-preserve_lr0.01_s0"]["views"])
+    assert any(v["view"] == "gated_rule" for v in entries["scale-preserve_lr0.01_s0"]["views"])
     # a third call reuses every finished run: no training at all
     monkeypatch.setattr(sweep, "run_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(trainer.Trainer, "train_step", lambda self: pytest.fail("trained again"))

@@ -11,23 +11,18 @@ import pytest
 import torch
 
 import scale_kernels
-from scale_kernels.train import checkpointing
+from scale_kernels.train import run_checkpoints
+from scale_kernels.train import trainer as trainer_module
 from scale_kernels.train.base_cache import BaseReference
 from scale_kernels.train.config import BASELINE_METHODS, SCALE_METHODS, TrainConfig
-from scale_kernels.train.models import load_model_and_tokenizer
+from scale_kernels.train.evaluate import autocast_context
+from scale_kernels.train.model_loading import load_model_and_tokenizer
 from scale_kernels.train.testing import SAMPLE_TEXT, make_tiny_model_dir
 from scale_kernels.train.trainer import Trainer, build_data
 
-HAS_SCALE = hasattr(scale_kernels, "upscale_model")
 HAS_PEFT = importlib.util.find_spec("peft") is not None
-
-
-def _available(method: str) -> bool:
-    return (method not in SCALE_METHODS or HAS_SCALE) and (method != "lora" or HAS_PEFT)
-
-
 ALL_METHODS = [
-    pytest.param(m, marks=pytest.mark.skipif(not _available(m), reason=f"{m} needs upscale_model / peft"))
+    pytest.param(m, marks=pytest.mark.skipif(m == "lora" and not HAS_PEFT, reason="lora needs peft"))
     for m in SCALE_METHODS + BASELINE_METHODS
 ]
 
@@ -56,7 +51,7 @@ def _cfg(files, tmp_path, **kw) -> TrainConfig:
         lr=1e-2,
         output_dir=str(tmp_path / "run"),
         progress=False,
-        backend="torch" if HAS_SCALE else None,
+        backend="torch",
     )
     base.update(kw)
     return TrainConfig(**base).validate()
@@ -119,7 +114,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(files, tmp_path, monkeypatch):
-    method = "scale-adapt" if HAS_SCALE else "depth"
+    method = "scale-adapt"
     straight = _run(_cfg(files, tmp_path / "a", method=method, eval_every=3))[1]
     cfg = _cfg(files, tmp_path / "b", method=method, eval_every=3, save_every=3)
     original = Trainer.train_step
@@ -143,7 +138,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(files, tmp_path, mon
 
 def test_run_killed_mid_save_leaves_last_good_checkpoint(files, tmp_path, monkeypatch):
     cfg = _cfg(files, tmp_path, method="freeze", save_every=2)
-    original = checkpointing._write_state
+    original = run_checkpoints._write_state
     calls = {"n": 0}
 
     def dying(path, state):
@@ -152,19 +147,19 @@ def test_run_killed_mid_save_leaves_last_good_checkpoint(files, tmp_path, monkey
             raise _Interrupt
         original(path, state)
 
-    monkeypatch.setattr(checkpointing, "_write_state", dying)
+    monkeypatch.setattr(run_checkpoints, "_write_state", dying)
     with pytest.raises(_Interrupt):
         _run(cfg)
     root = tmp_path / "run" / "checkpoints"
     assert list(root.glob(".tmp-step-00000004-*")), "the partial save should be left in its temp folder"
-    latest = checkpointing.latest_checkpoint(root)
+    latest = run_checkpoints.latest_checkpoint(root)
     assert latest is not None and latest.name == "step-00000002"
-    step, tensors, state = checkpointing.load_checkpoint(latest)
+    step, tensors, state = run_checkpoints.load_checkpoint(latest)
     assert step == 2 and state["data"]["position"] == 4 and len(state["losses"]) == 2 and tensors
-    monkeypatch.setattr(checkpointing, "_write_state", original)
+    monkeypatch.setattr(run_checkpoints, "_write_state", original)
     resumed = _run(cfg)[1]
     assert resumed["resumed"] and len(resumed["losses"]) == 6
-    assert not list(root.glob(".tmp-*")) and [p.name for p in checkpointing.complete_checkpoints(root)] == [
+    assert not list(root.glob(".tmp-*")) and [p.name for p in run_checkpoints.complete_checkpoints(root)] == [
         "step-00000004",
         "step-00000006",
     ]
@@ -176,7 +171,6 @@ def test_resume_refuses_a_different_configuration(files, tmp_path):
         _run(_cfg(files, tmp_path, method="freeze", steps=2, save_every=1, seq_len=8))
 
 
-@pytest.mark.skipif(not HAS_SCALE, reason="needs scale_kernels.upscale_model")
 def test_training_with_the_rule_from_step_0_is_the_base_model_fixed_point(files, tmp_path):
     """At initialisation both paths agree, so the rule routes every token to the preservation path, which
     (gated head) has nothing to train: no parameter moves. Hence the route warmup (docs/training.md)."""
@@ -188,7 +182,6 @@ def test_training_with_the_rule_from_step_0_is_the_base_model_fixed_point(files,
     assert results["after"]["new"]["kl_base"] == 0.0 and results["after"]["new"]["route_adapt_fraction"] == 0.0
 
 
-@pytest.mark.skipif(not HAS_SCALE, reason="needs scale_kernels.upscale_model")
 def test_route_warmup_then_the_rule_picks_the_trained_tokens(files, tmp_path):
     """The adaptation path trains alone during the route warmup; afterwards the rule's share of targets
     is recorded per step, and only those targets have a loss gradient."""
@@ -209,7 +202,6 @@ def test_route_warmup_then_the_rule_picks_the_trained_tokens(files, tmp_path):
     )
 
 
-@pytest.mark.skipif(not HAS_SCALE, reason="needs scale_kernels.upscale_model")
 def test_per_group_learning_rates_and_warmup(files, tmp_path):
     cfg = _cfg(
         files,
@@ -245,7 +237,6 @@ def test_per_group_learning_rates_and_warmup(files, tmp_path):
     assert results["details"]["param_group_lrs"] == pytest.approx({"expansion": 1e-2, "w12": 1e-3, "head_up": 5e-3})
 
 
-@pytest.mark.skipif(not HAS_SCALE, reason="needs scale_kernels.upscale_model")
 @pytest.mark.parametrize("gate_head", [True, False])
 def test_gated_head_keeps_the_preservation_path_exactly_the_base_model_after_training(files, tmp_path, gate_head):
     cfg = _cfg(files, tmp_path, method="scale-route", gate_head=gate_head, route_train="adapt", steps=4)
@@ -283,7 +274,6 @@ def test_base_cache_gives_the_base_model_logits_and_is_reused(files, tmp_path):
     assert len(list((tmp_path / "cache").glob("base-hidden-*.pt"))) == 2
 
 
-@pytest.mark.skipif(not HAS_SCALE, reason="needs scale_kernels.upscale_model")
 def test_preserve_reports_the_gated_rule_view_and_skips_the_final_save(files, tmp_path):
     results = _run(_cfg(files, tmp_path, method="scale-preserve", steps=2, save_final=False))[1]
     view = results["after"]["views"]["gated_rule"]
@@ -291,15 +281,35 @@ def test_preserve_reports_the_gated_rule_view_and_skips_the_final_save(files, tm
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.filterwarnings("error:.*gradient_checkpointing:FutureWarning")
 def test_bf16_autocast_and_gradient_checkpointing(files, tmp_path):
     results = _run(
         _cfg(files, tmp_path / "a", method="freeze", precision="bf16", steps=2, gradient_checkpointing=True)
     )[1]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in results["losses"])
+
+
+def test_scale_methods_train_under_bf16_autocast(files, tmp_path):
+    """The SCALE op is autocast-aware: a SCALE run under bf16 autocast trains, close to its fp32 twin, and its
+    frozen weights stay fp32 and untouched."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(files, tmp_path / precision, method="scale-route", precision=precision, steps=2)
+        trainer = Trainer.from_config(cfg)
+        frozen = {n: p.detach().clone() for n, p in trainer.setup.model.named_parameters() if not p.requires_grad}
+        losses[precision] = [x["loss"] for x in _run_existing(trainer)["losses"]]
+        for name, p in trainer.setup.model.named_parameters():
+            if name in frozen:
+                assert p.grad is None and p.dtype == torch.float32 and torch.equal(p, frozen[name]), name
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def test_a_precision_the_device_cannot_run_fails_before_loading_the_model(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
-        _run(_cfg(files, tmp_path / "b", method="freeze", precision="fp16", steps=1))
-    if HAS_SCALE:  # either the SCALE op handles autocast, or the run stops early with a clear message
-        try:
-            _run(_cfg(files, tmp_path / "c", method="scale-preserve", precision="bf16", steps=1))
-        except ValueError as e:
-            assert "not autocast-aware" in str(e)
+        Trainer.from_config(_cfg(files, tmp_path, method="freeze", precision="fp16", steps=1))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "an old GPU")
+    with pytest.raises(ValueError, match="bf16': an old GPU does not support bf16; use fp16 or fp32"):
+        autocast_context(torch.device("cuda"), "bf16")

@@ -40,10 +40,11 @@ def _digest(model_spec: str, data: dict[str, PackedText]) -> str:
 class BaseReference:
     """Base-model logits for the rows of named eval sets: ``logits(name, rows) -> (rows, seq_len, vocab)``."""
 
-    def __init__(self, head: nn.Linear, hidden: dict[str, Tensor], device: torch.device):
+    def __init__(self, head: nn.Linear, hidden: dict[str, Tensor], device: torch.device, origin: str = ""):
         self.weight = head.weight.detach().clone().to(device)
         self.bias = head.bias.detach().clone().to(device) if head.bias is not None else None
         self.hidden = {name: h.to(device) for name, h in hidden.items()}
+        self.origin = origin  # where the hidden states came from (for the run's log)
 
     def logits(self, name: str, rows: slice) -> Tensor:
         return F.linear(self.hidden[name][rows], self.weight, self.bias)
@@ -59,28 +60,32 @@ class BaseReference:
         *,
         batch_size: int,
         device: torch.device,
+        progress: bool = False,
     ) -> BaseReference:
         """Load the cache for ``data`` from ``cache_dir``, or run the base ``model`` (not yet modified by any
-        method) on it and write the cache."""
+        method) on it (with a progress bar if ``progress``) and write the cache."""
+        from tqdm.auto import tqdm
+
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise ValueError(f"the base model's output head must be an nn.Linear, got {type(head).__name__}")
         path = Path(cache_dir) / f"base-hidden-{_digest(model_spec, data)}.pt"
         if path.is_file():
             hidden = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(head, hidden, device)
+            return cls(head, hidden, device, f"read from {path}")
         model.to(device).eval()
         decoder = model.get_decoder()
         hidden = {}
         for name, packed in data.items():
+            starts = range(0, len(packed), batch_size)
             parts = [
                 decoder(input_ids=packed.ids[i : i + batch_size].to(device), use_cache=False)
                 .last_hidden_state.float()
                 .cpu()
-                for i in range(0, len(packed), batch_size)
+                for i in tqdm(starts, desc=f"base model on {name}", disable=not progress, leave=False)
             ]
             hidden[name] = torch.cat(parts)
-        ref = cls(head, hidden, device)
+        ref = cls(head, hidden, device, f"computed, cached in {path}")
         first = next(iter(data))
         rows = slice(0, min(batch_size, len(data[first])))
         full = model(input_ids=data[first].ids[rows].to(device), use_cache=False).logits.float()

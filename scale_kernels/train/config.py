@@ -1,7 +1,9 @@
 """Training configuration: one dataclass, filled from defaults, a YAML/JSON file and command-line flags.
 
-Precedence: dataclass defaults < config file < explicit flags. Every field is validated in
-:meth:`TrainConfig.validate`, which raises ``ValueError`` naming the field and the expected value.
+Precedence: dataclass defaults < config file < explicit flags. Every field carries its help text and, where
+the values are a fixed set, its choices (``fields(TrainConfig)[i].metadata``: the CLI's ``--help`` shows
+them). :meth:`TrainConfig.validate` checks every field and raises ``ValueError`` (``TypeError`` for a value of
+the wrong type) naming the field and the expected value.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from scale_kernels.backends import BACKEND_NAMES
+from scale_kernels.models import ATTENTION, MLP
+from scale_kernels.modules import INITS, check_choice, check_size
 
 SCALE_METHODS = ("scale-preserve", "scale-adapt", "scale-route")
 BASELINE_METHODS = ("full", "lora", "freeze", "depth")
@@ -31,6 +39,16 @@ DEFAULT_LR = {
 PRECISIONS = ("fp32", "bf16", "fp16")
 ROUTE_TRAIN = ("policy", "adapt")
 ROUTE_RULES = ("paper", "inverted")
+MODULE_GROUPS = ("attention", "mlp", "all")  # adapt_modules: these groups or single projections
+DATA_SOURCES = "data sources (comma-separated; see DATA SOURCES below)"
+
+
+def option(default: Any = None, help: str = "", choices: tuple[str, ...] | None = None, *, factory=None) -> Any:
+    """A TrainConfig field with its ``--help`` text and, for a fixed set of values, its ``choices``."""
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -38,66 +56,88 @@ class TrainConfig:
     """Everything one continual pre-training run needs. Lists may be given as comma-separated strings."""
 
     # model and method
-    model: str = "smollm2-135m"  # "smollm2-135m" (bundled GGUF), a local HF folder or a HF hub id
-    method: str = "scale-preserve"
-    width: float = 0.25  # relative width increase used to derive the SCALE / depth sizes below
-    extra_hidden: int | None = None
-    extra_kv_heads: int | None = None
-    extra_intermediate: int | None = None
-    # collaborative adaptation: W12 (adapt/route) trains only in these layers (None: the top adapt_fraction
-    # of the layers) and these projections ("attention", "mlp", "all" or q_proj, ...)
-    adapt_layers: list[int] | None = None
-    adapt_fraction: float = 0.25
-    adapt_modules: list[str] = field(default_factory=lambda: ["attention"])
-    init: str = "random"
+    model: str = option("smollm2-135m", "base model (see MODEL below)")
+    method: str = option("scale-preserve", "training method", METHODS)
+    width: float = option(0.25, "relative width increase: derives the SCALE sizes below and the depth blocks")
+    extra_hidden: int | None = option(None, "SCALE: extra hidden width (default: width x hidden size)")
+    extra_kv_heads: int | None = option(None, "SCALE: extra KV heads (default: width x KV heads, at least 1)")
+    extra_intermediate: int | None = option(None, "SCALE: extra FFN width (default: width x FFN width)")
+    # collaborative adaptation: W12 (adapt/route) trains only in these layers and projections
+    adapt_layers: list[int] | None = option(
+        None,
+        "SCALE adapt/route: layers whose W12 trains (negative counts from the top; default: the top "
+        "adapt_fraction of the layers)",
+    )
+    adapt_fraction: float = option(0.25, "SCALE adapt/route: share of the (upper) layers whose W12 trains")
+    adapt_modules: list[str] = option(
+        help="SCALE adapt/route: projections whose W12 trains: attention, mlp, all or names among "
+        + ", ".join(ATTENTION + MLP),
+        factory=lambda: ["attention"],
+    )
+    init: str = option("random", "SCALE: initialisation of W21 / W22 / E_up", INITS)
     # gate the LM head's W_head_up with the route, so the preservation path is exactly the base model.
-    # None: True for scale-route, False otherwise; True on scale-preserve routes it with the rule below
-    gate_head: bool | None = None
-    route_tau: float = 0.5
-    route_rule: str = "paper"  # "paper": adaptation where the paths disagree; "inverted": the ablation
-    route_train: str = "policy"  # "policy": the rule picks the path in training too; "adapt": adapt path only
-    route_warmup_steps: int | None = None  # policy: adaptation path only for these first steps (None: half)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    freeze_lower: int | None = None  # layers frozen by the "freeze" baseline (default: lower 3/4)
-    depth_blocks: int | None = None  # new blocks of the "depth" baseline (default: round(width * layers))
-    backend: str | None = None  # scale_kernels backend (torch / triton / cuda); None = automatic
-    # data
-    # default: the language shift English -> Spanish (train on the Spanish NT minus every 20th chapter)
-    train_data: list[str] = field(default_factory=lambda: ["builtin:bible-es"])
-    eval_old: list[str] = field(default_factory=lambda: ["builtin:fortunes", "builtin:bible/heldout"])
-    eval_new: list[str] | None = None  # None: hold out every 20th document of train_data
-    eval_fraction: float = 0.05  # held-out split: every round(1/eval_fraction)-th document (20th)
-    separator: str = "\n\n"  # joins packed documents (never the EOS / chat token)
-    seq_len: int = 128
-    eval_sequences: int = 36  # per domain, shared evenly by its sources (36 x 127 = 4572 targets)
+    gate_head: bool | None = option(
+        None, "SCALE: the route gates the head expansion W_head_up (default: true for scale-route, else false)"
+    )
+    route_tau: float = option(0.5, "SCALE-Route: cosine-similarity threshold of the rule")
+    route_rule: str = option(
+        "paper", "SCALE-Route: paper = adaptation where the two paths disagree; inverted = the ablation", ROUTE_RULES
+    )
+    route_train: str = option(
+        "policy", "SCALE-Route training: policy = the rule picks the path; adapt = adaptation path only", ROUTE_TRAIN
+    )
+    route_warmup_steps: int | None = option(
+        None, "SCALE-Route, route_train=policy: steps training the adaptation path only (default: half the steps)"
+    )
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    freeze_lower: int | None = option(None, "freeze: lower layers kept frozen (default: 3/4 of them)")
+    depth_blocks: int | None = option(None, "depth: new LLaMA-Pro blocks (default: round(width x layers))")
+    backend: str | None = option(None, "scale_kernels backend of the SCALE op (default: automatic)", BACKEND_NAMES)
+    # data; default: the language shift English -> Spanish (train on the Spanish NT minus every 20th chapter)
+    train_data: list[str] = option(help="training " + DATA_SOURCES, factory=lambda: ["builtin:bible-es"])
+    eval_old: list[str] = option(
+        help="old-domain (forgetting) evaluation " + DATA_SOURCES,
+        factory=lambda: ["builtin:fortunes", "builtin:bible/heldout"],
+    )
+    eval_new: list[str] | None = option(
+        None, "new-domain (adaptation) evaluation " + DATA_SOURCES + " (default: held out of train_data)"
+    )
+    eval_fraction: float = option(0.05, "held-out split: every round(1 / eval_fraction)-th document")
+    separator: str = option("\n\n", "text joining packed documents (never the EOS / chat token)")
+    seq_len: int = option(128, "tokens per packed sequence")
+    eval_sequences: int = option(36, "eval sequences per domain, shared evenly by its sources")
     # optimisation
-    steps: int = 30
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None  # None: DEFAULT_LR[method]
-    w12_lr_scale: float = 0.1  # W12 learning rate = lr x this (SCALE adapt/route)
-    head_lr_scale: float = 1.0  # W_head_up learning rate = lr x this (SCALE)
-    warmup_steps: int | None = None  # None: 10% of steps (at least 1); step k of the warmup runs at (k+1)/(w+1)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    fsdp: bool = False
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    steps: int = option(30, "optimizer steps")
+    batch_size: int = option(4, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float | None = option(
+        None, "learning rate (default per method: " + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")"
+    )
+    w12_lr_scale: float = option(0.1, "SCALE adapt/route: W12 learning rate = lr x this")
+    head_lr_scale: float = option(1.0, "SCALE: W_head_up learning rate = lr x this")
+    warmup_steps: int | None = option(
+        None, "linear warmup steps; step k runs at (k+1)/(warmup+1) of lr (default: 10% of the steps, >= 1)"
+    )
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at lr x this")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping (0: none)")
+    precision: str = option("fp32", "autocast precision (fp16 needs CUDA)", PRECISIONS)
+    gradient_checkpointing: bool = option(False, "HF activation checkpointing (non-reentrant)")
+    fsdp: bool = option(False, "FSDP2 instead of DDP when launched on several processes")
+    seed: int = option(0, "seed of the expansion init and the data order")
+    device: str = option("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    threads: int | None = option(None, "torch intra-op threads (default: torch's)")
     # bookkeeping
-    output_dir: str = "runs/cpt"
-    base_cache: str | None = None  # folder of the cached base-model eval outputs (None: output_dir/base_cache)
-    eval_every: int = 0  # 0: only at the end
-    eval_at_start: bool = True
-    save_every: int = 0  # 0: only the final save
-    keep_checkpoints: int = 2
-    save_final: bool = True  # write the method's artefact (expansion / adapter / trained tensors) to final/
-    resume: bool = True  # resume from output_dir/checkpoints/latest when present
-    progress: bool = True  # a progress bar; false: a plain log line every 10% of the steps
+    output_dir: str = option("runs/cpt", "folder of the run's logs, checkpoints and results")
+    base_cache: str | None = option(None, "folder of the cached base-model outputs (default: output_dir/base_cache)")
+    eval_every: int = option(0, "evaluate every N steps (0: at the end only)")
+    eval_at_start: bool = option(True, "evaluate before the first step")
+    save_every: int = option(0, "checkpoint every N steps (0: none)")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    save_final: bool = option(True, "write the method's artefact (expansion / adapter / trained tensors) to final/")
+    resume: bool = option(True, "resume from output_dir/checkpoints/latest when present")
+    progress: bool = option(True, "progress bars (false: a plain log line every 10% of the steps)")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -126,15 +166,18 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
-        """Check every field; return self. Raises ValueError naming the field."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.route_train not in ROUTE_TRAIN:
-            raise ValueError(f"route_train must be one of {ROUTE_TRAIN}, got {self.route_train!r}")
-        if self.route_rule not in ROUTE_RULES:
-            raise ValueError(f"route_rule must be one of {ROUTE_RULES}, got {self.route_rule!r}")
+        """Check every field; return self. Raises ValueError (TypeError for a wrong type) naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] is not None and value is not None:
+                check_choice(f.name, value, f.metadata["choices"])
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(
+                    f"device must be 'auto' or a torch device (cpu, cuda, cuda:N), got {self.device!r}"
+                ) from e
         if self.gate_head and self.method not in ("scale-preserve", "scale-route"):
             raise ValueError(
                 f"gate_head=true applies to scale-preserve and scale-route, not {self.method!r} "
@@ -151,9 +194,9 @@ class TrainConfig:
             "lora_alpha",
             "keep_checkpoints",
         ):
-            _check_int(self, name, minimum=1)
+            check_size(name, getattr(self, name), minimum=1)
         for name in ("steps", "eval_every", "save_every", "seed"):
-            _check_int(self, name, minimum=0)
+            check_size(name, getattr(self, name))
         for name in (
             "extra_hidden",
             "extra_kv_heads",
@@ -164,9 +207,9 @@ class TrainConfig:
             "route_warmup_steps",
         ):
             if getattr(self, name) is not None:
-                _check_int(self, name, minimum=0)
+                check_size(name, getattr(self, name))
         if self.threads is not None:
-            _check_int(self, "threads", minimum=1)
+            check_size("threads", self.threads, minimum=1)
         for name in (
             "width",
             "weight_decay",
@@ -197,12 +240,6 @@ class TrainConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         return self
-
-
-def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_float(cfg: TrainConfig, name: str) -> None:

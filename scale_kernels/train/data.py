@@ -35,6 +35,21 @@ SPLITS = ("train", "heldout")
 DEFAULT_SEPARATOR = "\n\n"
 
 
+def source_syntax() -> str:
+    """What a data source may be, one form per line (the CLI's ``--help`` shows it)."""
+    names = ", ".join(sorted(BUILTIN_CORPORA))
+    return "\n".join(
+        [
+            "PATH                     a UTF-8 text file (one document)",
+            "DIR                      every *.txt file below DIR, sorted (one document each)",
+            f"builtin:NAME             a bundled corpus ({names}; `scale-cpt setup` installs them)",
+            "builtin:NAME/heldout     its held-out documents: every k-th, k = round(1 / eval_fraction) (20)",
+            "builtin:NAME/train       the other documents",
+            "hf:NAME[:SPLIT[:COLUMN]] a Hugging Face `datasets` dataset available offline (default: train, text)",
+        ]
+    )
+
+
 def read_text_file(path: str | Path) -> str:
     """Read a text file as UTF-8; invalid bytes become U+FFFD (with a warning naming the file)."""
     path = Path(path)

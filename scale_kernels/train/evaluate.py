@@ -32,12 +32,17 @@ Tensor = torch.Tensor
 
 
 def autocast_context(device: torch.device, precision: str):
-    """``torch.autocast`` for bf16/fp16 (fp16 only on CUDA), a no-op context for fp32."""
+    """``torch.autocast`` for bf16/fp16, a no-op context for fp32. ValueError when ``device`` cannot run
+    ``precision``: fp16 needs CUDA, bf16 on CUDA a GPU that supports it. (The SCALE op is autocast-aware:
+    every method runs under both.)"""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("precision='fp16' needs a CUDA device; use bf16 or fp32 on CPU")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"precision='bf16': {name} does not support bf16; use fp16 or fp32")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -152,13 +157,18 @@ def evaluate(
     precision: str = "fp32",
     base: BaseLogits | None = None,
     sources: dict[str, slice] | None = None,
+    progress: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics (see the module docstring) of every prediction ``predict`` returns, over all of ``data``;
-    with ``sources`` (name -> its rows of ``data``) also per source, under ``"by_source"``."""
+    with ``sources`` (name -> its rows of ``data``) also per source, under ``"by_source"``. ``progress``: the
+    label of a progress bar over the batches (None: no bar)."""
+    from tqdm.auto import tqdm
+
     totals: dict[str, _Totals] = {}
     by_source: dict[tuple[str, str], _Totals] = {}
     row_index = torch.arange(len(data))
-    for start in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
         rows = slice(start, start + batch_size)
         ids = data.ids[rows].to(device)
         content = ~data.boundary[rows, 1:].to(device)

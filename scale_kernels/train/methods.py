@@ -19,37 +19,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import baselines
-from .config import TrainConfig
+from scale_kernels.parameters import count_parameters, trainable_state_dict
+
+from . import baseline_methods
+from .config import SCALE_METHODS, TrainConfig
 from .evaluate import Prediction, causal_lm_loss
 
 Tensor = torch.Tensor
 
 
-def scale_available() -> bool:
-    """True when the SCALE module layer (``scale_kernels.upscale_model``) is importable."""
-    import scale_kernels
-
-    return hasattr(scale_kernels, "upscale_model")
-
-
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """``{name: tensor}`` of the parameters that train (shared parameters listed once)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, shared (tied) parameters counted once."""
-    params = list(model.parameters())  # named/parameters() deduplicate shared tensors
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def save_trainable(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     """Write the trained tensors (``trainable.safetensors``) and ``method.json`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {n: t.contiguous().cpu() for n, t in trainable_state(model).items()}, str(directory / "trainable.safetensors")
-    )
+    tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
+    save_file(tensors, str(directory / "trainable.safetensors"))
     (directory / "method.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
@@ -180,12 +163,24 @@ def top_layers(n_layers: int, fraction: float) -> list[int]:
     return list(range(n_layers - k, n_layers))
 
 
+def check_supported(model: nn.Module, method: str) -> None:
+    """ValueError naming ``method`` and what it needs when it cannot train ``model`` (checked right after
+    loading, before the data and the base-model evaluation)."""
+    if method in SCALE_METHODS:
+        from scale_kernels.models import family_of
+
+        try:
+            family_of(model)
+        except ValueError as e:
+            raise ValueError(
+                f"method {method!r} cannot upscale this model ({e}); the baselines 'full' and 'lora' train any "
+                "HF causal LM"
+            ) from e
+    elif method in ("freeze", "depth"):
+        baseline_methods.decoder_layers(model, method)
+
+
 def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
-    if not scale_available():
-        raise ValueError(
-            f"method {cfg.method!r} needs the SCALE module layer (scale_kernels.upscale_model), "
-            "which this installation lacks"
-        )
     from scale_kernels import RoutePolicy, upscale_model
 
     mode = cfg.method.split("-", 1)[1]
@@ -193,7 +188,7 @@ def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
     details: dict[str, Any] = {"mode": mode, **sizes, "init": cfg.init, "gate_head": cfg.head_gated}
     w12: dict[str, Any] = {}
     if mode != "preserve":
-        n_layers = len(baselines._decoder_layers(model))
+        n_layers = len(baseline_methods.decoder_layers(model, cfg.method))
         layers = cfg.adapt_layers if cfg.adapt_layers is not None else top_layers(n_layers, cfg.adapt_fraction)
         w12 = {"adapt_layers": layers, "adapt_modules": cfg.adapt_modules}
         details.update(w12)
@@ -228,21 +223,28 @@ def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
     )
 
 
-def _prepare_baseline(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
-    n_layers = len(baselines._decoder_layers(model))
-    if cfg.method == "full":
-        return MethodSetup(baselines.apply_full(model), "full")
-    if cfg.method == "freeze":
-        lower = (3 * n_layers) // 4 if cfg.freeze_lower is None else cfg.freeze_lower
-        return MethodSetup(baselines.apply_freeze(model, lower), "freeze", {"freeze_lower": lower})
-    if cfg.method == "lora":
-        wrapped = baselines.apply_lora(model, cfg.lora_r, cfg.lora_alpha)
-        return MethodSetup(wrapped, "lora", {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha})
+def _prepare_full(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
+    return MethodSetup(baseline_methods.apply_full(model), "full")
+
+
+def _prepare_lora(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
+    wrapped = baseline_methods.apply_lora(model, cfg.lora_r, cfg.lora_alpha)
+    return MethodSetup(wrapped, "lora", {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha})
+
+
+def _prepare_freeze(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
+    n_layers = len(baseline_methods.decoder_layers(model, "freeze"))
+    lower = (3 * n_layers) // 4 if cfg.freeze_lower is None else cfg.freeze_lower
+    return MethodSetup(baseline_methods.apply_freeze(model, lower), "freeze", {"freeze_lower": lower})
+
+
+def _prepare_depth(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
+    n_layers = len(baseline_methods.decoder_layers(model, "depth"))
     blocks = cfg.depth_blocks if cfg.depth_blocks is not None else max(1, round(cfg.width * n_layers))
     return MethodSetup(
-        baselines.apply_depth(model, blocks),
+        baseline_methods.apply_depth(model, blocks),
         "depth",
-        {"depth_blocks": blocks, "insert_after": baselines.insertion_points(n_layers, blocks)},
+        {"depth_blocks": blocks, "insert_after": baseline_methods.insertion_points(n_layers, blocks)},
     )
 
 
@@ -250,17 +252,18 @@ PREPARERS: dict[str, Callable[[nn.Module, TrainConfig], MethodSetup]] = {
     "scale-preserve": _prepare_scale,
     "scale-adapt": _prepare_scale,
     "scale-route": _prepare_scale,
-    "full": _prepare_baseline,
-    "freeze": _prepare_baseline,
-    "lora": _prepare_baseline,
-    "depth": _prepare_baseline,
+    "full": _prepare_full,
+    "freeze": _prepare_freeze,
+    "lora": _prepare_lora,
+    "depth": _prepare_depth,
 }
 
 
 def prepare_method(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
     """Apply ``cfg.method`` to ``model`` (in place; LoRA wraps it) and report what trains."""
+    check_supported(model, cfg.method)
     setup = PREPARERS[cfg.method](model, cfg)
-    trainable, total = parameter_counts(setup.model)
+    trainable, total = count_parameters(setup.model)
     if trainable == 0:
         raise RuntimeError(f"method {cfg.method!r} left no trainable parameter")
     setup.details.update(trainable_params=trainable, total_params=total)

@@ -173,20 +173,27 @@ def run_one(cfg: TrainConfig, *, subprocess_run: bool = True) -> dict[str, Any]:
             with _CHILDREN_LOCK:
                 _CHILDREN.discard(proc)
     if returncode != 0:
-        raise RuntimeError(f"exit {returncode}; see {out / 'train.log'}")
+        error = _last_line(out / "train.log", lambda line: line.startswith("error: "))
+        raise RuntimeError(f"exit {returncode}{': ' + error if error else ''}; see {out / 'train.log'}")
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
-def _last_step_line(log: Path) -> str:
-    """The last ``step i/n`` progress line of a run's log (or '')."""
+def _last_line(log: Path, wanted: Callable[[str], bool]) -> str:
+    """The last line of the end of a run's log that is ``wanted`` (or '')."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             lines = f.read().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    found = [ln for ln in lines if "] step " in ln]
-    return found[-1].split("] ", 1)[1].split(" lr ")[0] if found else ""
+    found = [ln for ln in lines if wanted(ln)]
+    return found[-1] if found else ""
+
+
+def _last_step_line(log: Path) -> str:
+    """The last ``step i/n`` progress line of a run's log, without its tag and learning rate (or '')."""
+    line = _last_line(log, lambda ln: "] step " in ln)
+    return line.split("] ", 1)[1].split(" lr ")[0] if line else ""
 
 
 def _format_seconds(seconds: float) -> str:

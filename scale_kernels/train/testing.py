@@ -1,4 +1,4 @@
-"""A tiny random Llama + byte-level BPE tokenizer saved as a HF folder: for smoke tests and CI (offline)."""
+"""A tiny random Llama (or GPT-2) + byte-level BPE tokenizer saved as a HF folder: for smoke tests and CI (offline)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,17 @@ def make_tiny_model_dir(
     kv_heads: int = 2,
     intermediate: int = 64,
     seed: int = 0,
+    family: str = "llama",
 ) -> Path:
-    """Write a random ``LlamaForCausalLM`` (untied head) and a matching tokenizer into ``directory``."""
+    """Write a random ``LlamaForCausalLM`` (untied head) or, with ``family="gpt2"``, a ``GPT2LMHeadModel``
+    (tied head, no ``model.layers``: an architecture SCALE does not upscale) and a matching tokenizer into
+    ``directory``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if family not in ("llama", "gpt2"):
+        raise ValueError(f"family must be 'llama' or 'gpt2', got {family!r}")
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -41,6 +47,14 @@ def make_tiny_model_dir(
     tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(directory)
+    special = dict(eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(fast), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, **special
+        )
+        GPT2LMHeadModel(config).save_pretrained(directory)
+        return directory
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=hidden,
@@ -49,11 +63,8 @@ def make_tiny_model_dir(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.eos_token_id,
-        bos_token_id=fast.eos_token_id,
         tie_word_embeddings=False,
+        **special,
     )
-    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory

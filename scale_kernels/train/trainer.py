@@ -8,7 +8,7 @@ Multi-GPU runs use PyTorch's own engines: launched by ``torchrun`` / ``accelerat
 ``fsdp=True``); every rank reads its own slice of each global batch.
 
 Outputs in ``output_dir``: ``log.json`` (every eval and every step's loss, rewritten after each eval),
-``checkpoints/`` (see :mod:`.checkpointing`), ``final/`` (the method's artefact, unless ``save_final`` is
+``checkpoints/`` (see :mod:`.run_checkpoints`), ``final/`` (the method's artefact, unless ``save_final`` is
 false) and ``results.json``.
 """
 
@@ -20,6 +20,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing
+from scale_kernels.parameters import count_parameters, trainable_parameter_report, trainable_state_dict
+
+from . import run_checkpoints
 from .base_cache import BaseReference
 from .config import TrainConfig
 from .data import (
@@ -40,8 +43,8 @@ from .data import (
     spread_subset,
 )
 from .evaluate import autocast_context, evaluate
-from .methods import MethodSetup, param_groups, prepare_method, trainable_state, unwrap
-from .models import load_model_and_tokenizer
+from .methods import MethodSetup, check_supported, param_groups, prepare_method, unwrap
+from .model_loading import load_model_and_tokenizer
 
 Tensor = torch.Tensor
 # Fields that must match between a checkpoint and the run resuming from it.
@@ -209,17 +212,37 @@ def _probe_logits(model: nn.Module, ids: Tensor) -> Tensor:
     return logits
 
 
-def _check_autocast(setup: MethodSetup, probe: Tensor, precision: str) -> None:
-    """Fail early, with a clear message, when the model cannot run under ``precision`` autocast."""
-    device = next(setup.model.parameters()).device
-    try:
-        with torch.no_grad(), autocast_context(device, precision):
-            setup.model(input_ids=probe.to(device), use_cache=False)
-    except TypeError as e:
-        raise ValueError(
-            f"precision={precision!r} does not work for method {setup.method!r} here: {e}. The SCALE op "
-            "needs all operands in one dtype and is not autocast-aware in this version; use precision='fp32'"
-        ) from e
+class PhaseLog:
+    """One line per finished phase of a run, ``[tag] what: result (seconds)``; silent when not ``enabled``
+    (ranks other than the main one). Lines go through ``tqdm.write``, so they do not break a progress bar."""
+
+    def __init__(self, tag: str, enabled: bool = True):
+        self.tag, self.enabled = tag, enabled
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[{self.tag}] {text}")
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[Callable[[str], None]]:
+        """Time the block, then print ``what``; the block may pass a result to the yielded function."""
+        start, results = time.perf_counter(), []
+        yield results.append
+        shown = f"{what}: {results[-1]}" if results else what
+        self.line(f"{shown} ({time.perf_counter() - start:.1f} s)")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """HF's non-reentrant activation checkpointing of ``model`` (``activation_checkpointing_enable`` where
+    transformers has it, else the older name ``gradient_checkpointing_enable``, deprecated since)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class Trainer:
@@ -234,9 +257,11 @@ class Trainer:
         dist_info: DistInfo,
         preservation: dict[str, float],
         base: BaseReference | None = None,
+        log: PhaseLog | None = None,
     ):
         self.cfg, self.setup, self.data, self.device, self.dist = cfg, setup, data, device, dist_info
         self.preservation, self.base = preservation, base
+        self.log = log or PhaseLog(cfg.method, dist_info.main)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.model = setup.model
@@ -263,7 +288,9 @@ class Trainer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Trainer:
-        """Load the model and data, apply the method, check that the function is preserved at step 0."""
+        """Load the model and data, apply the method, check that the function is preserved at step 0.
+
+        Prints a line per phase with its duration (main process only)."""
         cfg.validate()
         if cfg.fsdp and cfg.save_every:
             raise ValueError("save_every > 0 (mid-run checkpoints) is not supported with fsdp=True yet")
@@ -271,22 +298,37 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         dist_info = init_distributed()
         device = pick_device(cfg, dist_info)
+        autocast_context(device, cfg.precision)  # a precision the device cannot run fails here, not mid-run
+        log = PhaseLog(cfg.method, dist_info.main)
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-        data = build_data(cfg, tokenizer)
+        with log.phase(f"model {cfg.model}") as result:
+            model, tokenizer = load_model_and_tokenizer(cfg.model)
+            result(f"{type(model).__name__}, {count_parameters(model)[1] / 1e6:.1f}M parameters")
+        check_supported(model, cfg.method)
+        with log.phase("data") as result:
+            data = build_data(cfg, tokenizer)
+            result(
+                f"train {len(data.train)} x {cfg.seq_len} tokens, eval old {len(data.old)} / new {len(data.new)} "
+                "sequences"
+            )
         cache = cfg.base_cache or str(Path(cfg.output_dir) / "base_cache")
-        base = BaseReference.build(
-            model,
-            cfg.model,
-            {d: getattr(data, d) for d in EVAL_DOMAINS},
-            cache,
-            batch_size=cfg.batch_size,
-            device=device,
-        )
+        with log.phase("base model outputs on the eval sets") as result:
+            base = BaseReference.build(
+                model,
+                cfg.model,
+                {d: getattr(data, d) for d in EVAL_DOMAINS},
+                cache,
+                batch_size=cfg.batch_size,
+                device=device,
+                progress=cfg.progress and dist_info.main,
+            )
+            result(base.origin)
         model.cpu()
         probe = data.new.ids[:1]
         base_logits = base.logits("new", slice(0, 1)).cpu()
-        setup = prepare_method(model, cfg)
+        with log.phase(f"method {cfg.method}") as result:
+            setup = prepare_method(model, cfg)
+            result(trainable_parameter_report(setup.model))
         new_logits = _probe_logits(setup.model, probe)  # the plain forward: the adaptation path if routed
         preservation = {
             "max_abs_logit_diff": float((new_logits - base_logits).abs().max()),
@@ -294,12 +336,10 @@ class Trainer:
             "probe_tokens": int(probe.numel()),
         }
         if cfg.gradient_checkpointing:
-            unwrap(setup.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(unwrap(setup.model))
         setup.model.to(device)
-        if cfg.precision != "fp32":
-            _check_autocast(setup, probe, cfg.precision)
         setup.model = wrap_distributed(setup.model, cfg, device, dist_info)
-        return cls(cfg, setup, data, device, dist_info, preservation, base)
+        return cls(cfg, setup, data, device, dist_info, preservation, base, log)
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict[str, Any]:
@@ -313,7 +353,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpointing.rng_state(),
+            "rng": run_checkpoints.rng_state(),
             "data": self.stream.state_dict(),
             "losses": self.losses,
             "evals": self.evals,
@@ -321,15 +361,15 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "tokens_seen": self.tokens_seen,
         }
-        tensors = trainable_state(unwrap(self.model))
-        return checkpointing.save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.keep_checkpoints)
+        tensors = trainable_state_dict(unwrap(self.model))
+        return run_checkpoints.save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
         """Restore the latest complete checkpoint of ``output_dir`` (if any and ``resume``)."""
-        folder = checkpointing.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
+        folder = run_checkpoints.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
         if folder is None:
             return False
-        step, tensors, state = checkpointing.load_checkpoint(folder)
+        step, tensors, state = run_checkpoints.load_checkpoint(folder)
         if state["fingerprint"] != self._fingerprint():
             diff = {
                 k: (state["fingerprint"].get(k), v)
@@ -350,7 +390,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        checkpointing.set_rng_state(state["rng"])
+        run_checkpoints.set_rng_state(state["rng"])
         self.stream.load_state_dict(state["data"])
         self.losses, self.evals = list(state["losses"]), list(state["evals"])
         self.train_seconds, self.tokens_seen = float(state["train_seconds"]), int(state["tokens_seen"])
@@ -363,20 +403,23 @@ class Trainer:
         row: dict[str, Any] = {"step": self.step}
         self.model.eval()
         try:
-            for domain in EVAL_DOMAINS:
-                base = (lambda rows, d=domain: self.base.logits(d, rows)) if self.base is not None else None
-                metrics = evaluate(
-                    self.setup.predict,
-                    getattr(self.data, domain),
-                    batch_size=self.cfg.batch_size,
-                    device=self.device,
-                    precision=self.cfg.precision,
-                    base=base,
-                    sources=self.data.sources.get(domain),
-                )
-                row[domain] = metrics.pop("model")
-                for view, values in metrics.items():
-                    row.setdefault("views", {}).setdefault(view, {})[domain] = values
+            with self.log.phase(f"eval at step {self.step}") as result:
+                for domain in EVAL_DOMAINS:
+                    base = (lambda rows, d=domain: self.base.logits(d, rows)) if self.base is not None else None
+                    metrics = evaluate(
+                        self.setup.predict,
+                        getattr(self.data, domain),
+                        batch_size=self.cfg.batch_size,
+                        device=self.device,
+                        precision=self.cfg.precision,
+                        base=base,
+                        sources=self.data.sources.get(domain),
+                        progress=f"eval {domain}" if self.cfg.progress and self.dist.main else None,
+                    )
+                    row[domain] = metrics.pop("model")
+                    for view, values in metrics.items():
+                        row.setdefault("views", {}).setdefault(view, {})[domain] = values
+                result(f"old-domain ppl {row['old']['ppl']:.3f}, new-domain ppl {row['new']['ppl']:.3f}")
         finally:
             self.model.train()
         self.evals.append(row)
@@ -469,7 +512,8 @@ class Trainer:
             if cfg.save_every:
                 self.save_checkpoint()
             if cfg.save_final:
-                self.setup.save_final(self.out / "final")
+                with self.log.phase(f"final artefact in {self.out / 'final'}"):
+                    self.setup.save_final(self.out / "final")
         return self._results(resumed)
 
     def _results(self, resumed: bool) -> dict[str, Any]:

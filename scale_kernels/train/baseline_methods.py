@@ -1,23 +1,27 @@
 """Baseline continual pre-training set-ups of the SCALE paper: full FT, LoRA, freezing, depth expansion.
 
 Each ``apply_*`` changes the model in place (or wraps it, for LoRA) and leaves ``requires_grad`` set on
-exactly the parameters that train. All of them keep the model's function unchanged at step 0.
+exactly the parameters that train. All of them keep the model's function unchanged at step 0. ``full`` and
+``lora`` work on any HF causal LM; ``freeze`` and ``depth`` need the Llama layout's ``model.layers``
+(:func:`decoder_layers`).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import nn
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module, method: str) -> nn.ModuleList:
+    """``model.model.layers`` of a Llama-style HF causal LM; ValueError naming ``method`` for other layouts."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
-            f"{type(model).__name__} has no model.layers ModuleList: the freeze/depth baselines support "
-            "Llama-style HF causal LMs (Llama, Qwen2, Mistral)"
+            f"method {method!r} needs a Llama-style model with a model.layers list (Llama, Qwen2, Mistral, ...); "
+            f"{type(model).__name__} has none: use method 'full' or 'lora' for it"
         )
     return layers
 
@@ -32,7 +36,7 @@ def apply_full(model: nn.Module) -> nn.Module:
 def apply_freeze(model: nn.Module, freeze_lower: int | None = None) -> nn.Module:
     """Freeze embeddings and the lower ``freeze_lower`` decoder layers (default 3/4 of them); the upper
     layers and the final norm train (a tied LM head stays frozen with the embedding)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "freeze")
     n = len(layers)
     freeze_lower = (3 * n) // 4 if freeze_lower is None else freeze_lower
     if not 0 <= freeze_lower < n:
@@ -56,7 +60,11 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16) -> nn.Module:
     except ImportError as e:
         raise ValueError("the lora baseline needs peft: pip install peft") from e
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads the attribute recent transformers 5.x renamed to is_activation_checkpointing; the
+        # FutureWarning is about peft's code, not the user's
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def insertion_points(n_layers: int, blocks: int) -> list[int]:
@@ -84,7 +92,7 @@ def _zero_output_projections(block: nn.Module) -> None:
 def apply_depth(model: nn.Module, blocks: int) -> nn.Module:
     """LLaMA-Pro depth expansion: after evenly spaced layers insert a copy of that layer whose ``o_proj``
     and ``down_proj`` are zero (so the block is the identity at init); only the new blocks train."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "depth")
     points = set(insertion_points(len(layers), blocks))
     for p in model.parameters():
         p.requires_grad_(False)
