@@ -22,6 +22,7 @@ from torch import nn
 
 import scale_kernels
 from scale_kernels.memory import UPSCALE_PRESETS, estimate_training_memory
+from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.parameters import count_parameters
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
 from scale_kernels.reference import upscaled_linear_reference
@@ -221,13 +222,4 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Non-reentrant HF gradient checkpointing on or off (the model is put in training mode)."""
     model.train()
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        if enabled:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, enabled)

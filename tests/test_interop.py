@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import scale_kernels as sk
 from scale_kernels import backends
+from scale_kernels.models import set_activation_checkpointing
 
 HAS_UPSCALE = hasattr(sk, "upscale_model")
 needs_modules = pytest.mark.skipif(not HAS_UPSCALE, reason="scale_kernels.upscale_model (module layer) missing")
@@ -212,13 +213,8 @@ def test_hf_gradient_checkpointing_gives_identical_gradients(monkeypatch, use_re
 
     def grads(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
         model = upscaled(base_model("llama"), mode="adapt").train()
-        if checkpointing:  # transformers >= 5 renamed gradient_checkpointing_enable
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            kwargs = {"use_reentrant": use_reentrant}
-            if enable is not None:
-                enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if checkpointing:
+            set_activation_checkpointing(model, use_reentrant=use_reentrant)
         params = _trainable(model)
         calls.clear()
         model(ids, labels=ids).loss.backward()  # reentrant checkpointing does not support autograd.grad

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import scale_kernels as sk
 from scale_kernels import memory as mem
+from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
 
 CONFIG = dict(model_type="llama", **_COMMON)
@@ -52,7 +53,7 @@ def estimate(method: str, **kwargs) -> mem.MemoryEstimate:
 def counted_step(model: torch.nn.Module, checkpointing: bool = False) -> dict:
     """Saved bytes of one forward (+ the decoder-layer inputs a checkpoint keeps alive)."""
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model)
     inputs: dict[int, int] = {}
 
     def keep_input(module, args, kwargs):

@@ -15,6 +15,7 @@ import torch
 from helpers_upscale import base_model, token_ids, upscaled
 
 import scale_kernels as sk
+from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.models.fused_loss import install_fused_loss
 from scale_kernels.modules import ScaleLMHead
 
@@ -121,7 +122,7 @@ def test_original_stream_gives_the_base_models_loss():
 
 def test_gradient_checkpointing_and_tuple_outputs():
     model = perturbed("mistral")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model)
     model.train()
     ids = token_ids()
     assert_same_training_signal(model, input_ids=ids, labels=ids)

@@ -10,7 +10,7 @@ import torch
 from helpers_upscale import ATOL, base_model, greedy, logits, max_diff, token_ids, train_steps, upscaled
 
 import scale_kernels as sk
-from scale_kernels.models import UpscaleConfig, upscale_config_of
+from scale_kernels.models import UpscaleConfig, set_activation_checkpointing, upscale_config_of
 from scale_kernels.route import prepare_route_mask
 
 
@@ -191,7 +191,7 @@ def test_gradient_checkpointing_recomputation_sees_the_mask(trained):
     for checkpointing in (False, True):
         model = copy.deepcopy(trained).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            set_activation_checkpointing(model, use_reentrant=True)
         model(ids, labels=ids, scale_route=mask).loss.backward()
         grads.append(model.model.layers[0].mlp.down_proj.weight_12.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

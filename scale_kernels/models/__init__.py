@@ -1,5 +1,6 @@
 """Width-upscaling of Hugging Face decoder-only causal LMs (Llama, Qwen2, Mistral): see :mod:`.core`."""
 
+from .activation_checkpointing import set_activation_checkpointing
 from .core import (
     ATTENTION,
     FAMILIES,
@@ -18,6 +19,7 @@ __all__ = [
     "FamilySpec",
     "UpscaleConfig",
     "family_of",
+    "set_activation_checkpointing",
     "upscale_config_of",
     "upscale_model",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.parameters import count_parameters, trainable_parameter_report, trainable_state_dict
 
 from . import run_checkpoints
@@ -234,17 +235,6 @@ class PhaseLog:
         self.line(f"{shown} ({time.perf_counter() - start:.1f} s)")
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """HF's non-reentrant activation checkpointing of ``model`` (``activation_checkpointing_enable`` where
-    transformers has it, else the older name ``gradient_checkpointing_enable``, deprecated since)."""
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 class Trainer:
     """One training run of one method. Build with :meth:`from_config`, then call :meth:`run`."""
 
@@ -336,7 +326,7 @@ class Trainer:
             "probe_tokens": int(probe.numel()),
         }
         if cfg.gradient_checkpointing:
-            enable_activation_checkpointing(unwrap(setup.model))
+            set_activation_checkpointing(unwrap(setup.model))
         setup.model.to(device)
         setup.model = wrap_distributed(setup.model, cfg, device, dist_info)
         return cls(cfg, setup, data, device, dist_info, preservation, base, log)
