@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from . import __version__, available_backends, last_backend, upscaled_linear, upscaled_linear_reference
+from .reference import error_limit
 
 Tensor = torch.Tensor
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -77,7 +78,6 @@ def _run(op: Callable[..., Tensor], ops: dict[str, Tensor | None], dtype: torch.
 def check_backend(name: str, device: str, dtype: torch.dtype) -> tuple[list[str], float]:
     """``(failures, worst error / limit)`` of backend ``name`` over :data:`CASES` (forward and gradients)."""
     failures, worst = [], 0.0
-    eps = torch.finfo(dtype).eps
     for case_name, case in CASES.items():
         ops = _operands(case, seed=len(case_name))
         ref = _run(upscaled_linear_reference, ops, torch.float64, "cpu")
@@ -91,7 +91,7 @@ def check_backend(name: str, device: str, dtype: torch.dtype) -> tuple[list[str]
             failures.append(f"{case_name}: ran on backend {last_backend()!r}, not {name!r}")
         for key, r in ref.items():
             err = (got[key].cpu().double() - r).abs().max().item()
-            limit = 2 * (plain[key].cpu().double() - r).abs().max().item() + 8 * eps * (r.abs().max().item() + 1)
+            limit = error_limit(r, plain[key].cpu(), dtype)
             worst = max(worst, err / limit)
             if not err <= limit:  # also catches NaN
                 failures.append(f"{case_name}: {key} error {err:.2e} > limit {limit:.2e}")

@@ -38,3 +38,14 @@ def upscaled_linear_reference(
         y0 = y0 + z
     y1 = F.linear(x0, w21, bias_up) + F.linear(x1, w22)
     return torch.cat([y0, y1], dim=-1)
+
+
+def error_limit(ref: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype) -> float:
+    """The accuracy rule every backend is held to: a result in ``dtype`` may differ from the fp64 reference
+    ``ref`` by at most twice plain PyTorch's error in the same dtype (``plain``: the reference computed in
+    ``dtype``; flash-attention's idiom), plus a floor of 8 ulps of the output's scale (plain PyTorch can be exact,
+    e.g. a bias gradient summing few terms). Both tensors hold finite values of the same shape."""
+    r = ref.double()
+    base = (plain.double() - r).abs().max().item() if r.numel() else 0.0
+    scale = r.abs().max().item() if r.numel() else 0.0
+    return 2 * base + 8 * torch.finfo(dtype).eps * (scale + 1.0)

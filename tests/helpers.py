@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 import scale_kernels as sk
+from scale_kernels.reference import error_limit
 
 
 @dataclass
@@ -135,12 +136,10 @@ def assert_within_reference_tolerance(
     r, p, k = ref[finite], plain[finite].double(), kernel[finite].double()
     if not r.numel():
         return
-    eps = torch.finfo(kernel.dtype).eps
     err = (k - r).abs().max().item()
-    base = (p - r).abs().max().item()
-    floor = 8 * eps * (r.abs().max().item() + 1.0)
-    msg = f"{name}: kernel err {err:.3e} > 2 x torch-{kernel.dtype} err {base:.3e} + {floor:.1e}"
-    assert err <= 2 * base + floor, msg
+    limit = error_limit(r, p, kernel.dtype)
+    msg = f"{name}: kernel err {err:.3e} > limit {limit:.3e} (2 x torch-{kernel.dtype} err + 8 ulps)"
+    assert err <= limit, msg
 
 
 def _dy(ops: Operands, seed: int) -> torch.Tensor:
