@@ -83,9 +83,7 @@ def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator | Non
     return torch.randn(shape, generator=generator, dtype=torch.float32) * std
 
 
-def svd_expansion_rows(
-    weight: Tensor, rows: int, std: float, generator: torch.Generator | None
-) -> Tensor:
+def svd_expansion_rows(weight: Tensor, rows: int, std: float, generator: torch.Generator | None) -> Tensor:
     """``(rows, d_in)``: ``U_k^T W`` for the top ``k = min(rows, rank)`` left singular vectors of ``W``.
 
     Row j is the projection of W's output onto its j-th principal output direction (``s_j v_j^T``), so an
@@ -294,7 +292,14 @@ class ScaleLinear(ExpansionModule):
         """
         w12, route = self._w12_and_route(route)
         return upscaled_linear(
-            x, self.weight, self.weight_21, self.weight_22, w12, self.bias, self.bias_up, route,
+            x,
+            self.weight,
+            self.weight_21,
+            self.weight_22,
+            w12,
+            self.bias,
+            self.bias_up,
+            route,
             backend=self.backend,
         )
 
@@ -473,9 +478,7 @@ class ScaleRMSNorm(ExpansionModule):
 
     expansion_parameter_names = ("weight_up",)
 
-    def __init__(
-        self, hidden_size: int, extra: int, eps: float = 1e-6, *, device=None, dtype=None
-    ) -> None:
+    def __init__(self, hidden_size: int, extra: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
         super().__init__()
         self.hidden_size = check_size("hidden_size", hidden_size, minimum=1)
         self.extra = check_size("extra", extra)
@@ -491,8 +494,7 @@ class ScaleRMSNorm(ExpansionModule):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None:
             raise TypeError(
-                "norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got "
-                f"{type(norm).__name__}"
+                f"norm must be an RMSNorm with a 1-D `weight` and `variance_epsilon`, got {type(norm).__name__}"
             )
         module = cls(w.numel(), extra, eps, device=w.device, dtype=w.dtype)
         w.requires_grad_(False)
@@ -503,8 +505,7 @@ class ScaleRMSNorm(ExpansionModule):
         total = self.hidden_size + self.extra
         if x.shape[-1] != total:
             raise ValueError(
-                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), "
-                f"got {tuple(x.shape)}"
+                f"ScaleRMSNorm: input must have shape (..., hidden + extra) = (..., {total}), got {tuple(x.shape)}"
             )
         if self.uses_kernel(x):
             return _split_norm.split_rms_norm(x, self.weight, self.weight_up, self.variance_epsilon)

@@ -63,8 +63,7 @@ def _check_base_matches(base_model: nn.Module, meta: dict, cfg: UpscaleConfig) -
     family_of(base_model)
     if type(base_model).__name__ != meta["model_class"]:
         raise ValueError(
-            f"base_model is a {type(base_model).__name__}, but the expansion was saved from a "
-            f"{meta['model_class']}"
+            f"base_model is a {type(base_model).__name__}, but the expansion was saved from a {meta['model_class']}"
         )
     config = base_model.config
     wrong = {k: (getattr(config, k), v) for k, v in cfg.base_sizes().items() if getattr(config, k) != v}
@@ -92,14 +91,10 @@ def load_expansion(base_model: nn.Module, directory: str | os.PathLike) -> nn.Mo
     expected = expansion_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"expansion checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
-        )
+        raise ValueError(f"expansion checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     for name, param in expected.items():
         if saved[name].shape != param.shape:
-            raise ValueError(
-                f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(param.shape)}"
-            )
+            raise ValueError(f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(param.shape)}")
         param.copy_(saved[name])
     _restore_config_record(model, cfg)
     return model
@@ -137,9 +132,7 @@ def load_upscaled(directory: str | os.PathLike, *, dtype: torch.dtype | None = N
     config = AutoConfig.from_pretrained(directory)
     record = getattr(config, CONFIG_KEY, None)
     if not record:
-        raise ValueError(
-            f"{directory} holds no upscaled model (config has no {CONFIG_KEY}); use from_pretrained"
-        )
+        raise ValueError(f"{directory} holds no upscaled model (config has no {CONFIG_KEY}); use from_pretrained")
     cfg = UpscaleConfig.from_dict(record)
     base_config = copy.deepcopy(config)
     delattr(base_config, CONFIG_KEY)

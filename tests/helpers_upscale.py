@@ -88,6 +88,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def greedy(model: torch.nn.Module, ids: torch.Tensor, new: int = 4, **kwargs) -> torch.Tensor:
     """Greedy generation with the KV cache (one prompt at a time: no padding involved)."""
     return model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, use_cache=True,
-        pad_token_id=0, **kwargs,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        **kwargs,
     )

@@ -48,8 +48,16 @@ def test_load_expansion_rejects_a_different_base(tmp_path):
     sk.save_expansion(model, tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(ValueError, match=r"hidden_size=32 \(expected 64\)"):
         sk.load_expansion(other, tmp_path)
     with pytest.raises(ValueError, match="saved from a LlamaForCausalLM"):
@@ -77,9 +85,7 @@ def test_save_pretrained_and_load_upscaled_round_trip(tmp_path, family):
         sk.load_upscaled(tmp_path / "plain")
 
 
-@pytest.mark.parametrize(
-    ("family", "mode"), [("llama_tied", "adapt"), ("qwen2", "preserve"), ("mistral", "adapt")]
-)
+@pytest.mark.parametrize(("family", "mode"), [("llama_tied", "adapt"), ("qwen2", "preserve"), ("mistral", "adapt")])
 def test_merge_to_dense_reproduces_logits(family, mode):
     model = _trained(family, mode)
     ids = token_ids()

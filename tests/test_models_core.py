@@ -53,8 +53,11 @@ def test_preserve_after_training_keeps_base_bit_identical_and_original_stream_ex
             continue
         assert not p.requires_grad and p.grad is None, name
         assert torch.equal(p, value), name
-    changed = [n for n, v in before.items() if n.rsplit(".", 1)[-1] in EXPANSION_PARAM_NAMES
-               and v.numel() and not torch.equal(after[n], v)]
+    changed = [
+        n
+        for n, v in before.items()
+        if n.rsplit(".", 1)[-1] in EXPANSION_PARAM_NAMES and v.numel() and not torch.equal(after[n], v)
+    ]
     assert any("weight_21" in n for n in changed) and any("weight_22" in n for n in changed)
     assert "lm_head.weight_12" in changed  # W_head_up is how Preserve reaches the output
 
@@ -216,8 +219,14 @@ def test_upscaling_twice_is_refused():
 def test_callers_config_object_is_not_mutated():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     base, model = LlamaForCausalLM(config), LlamaForCausalLM(config)
     sk.upscale_model(model, 32, extra_kv_heads=1)
     assert config.hidden_size == 64 and base.config.hidden_size == 64 and base.config.num_key_value_heads == 2

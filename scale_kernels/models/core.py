@@ -162,9 +162,7 @@ def family_of(model: nn.Module) -> FamilySpec:
     supported = {spec.model_class: spec for spec in FAMILIES}
     name = type(model).__name__
     if name not in supported:
-        raise ValueError(
-            f"upscale_model: unsupported architecture {name}; supported: {', '.join(sorted(supported))}"
-        )
+        raise ValueError(f"upscale_model: unsupported architecture {name}; supported: {', '.join(sorted(supported))}")
     return supported[name]
 
 
@@ -316,7 +314,12 @@ class _Builder:
         if extra_in == extra_out == 0:
             return
         new = ScaleLinear.from_linear(
-            getattr(parent, name), extra_in, extra_out, mode=mode, init=self.cfg.init, std=self.std,
+            getattr(parent, name),
+            extra_in,
+            extra_out,
+            mode=mode,
+            init=self.cfg.init,
+            std=self.std,
             generator=self.generator,
         )
         new.route_state = self.state
@@ -419,8 +422,17 @@ def upscale_model(
     if not isinstance(fused_loss, bool):
         raise TypeError(f"fused_loss must be a bool, got {fused_loss!r}")
     cfg = resolve_upscale_config(
-        model, extra_hidden, extra_heads, extra_kv_heads, extra_intermediate, mode, adapt_layers,
-        adapt_modules, init, seed, gate_head,
+        model,
+        extra_hidden,
+        extra_heads,
+        extra_kv_heads,
+        extra_intermediate,
+        mode,
+        adapt_layers,
+        adapt_modules,
+        init,
+        seed,
+        gate_head,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -437,7 +449,12 @@ def upscale_model(
     install_fused_loss(model, fused_loss)
     logger.info(
         "upscale_model: %d modules upscaled in %s (mode=%s, +%d hidden, +%d heads, +%d kv heads, +%d ffn)",
-        builder.count, type(model).__name__, cfg.mode, cfg.extra_hidden, cfg.extra_heads, cfg.extra_kv_heads,
+        builder.count,
+        type(model).__name__,
+        cfg.mode,
+        cfg.extra_hidden,
+        cfg.extra_heads,
+        cfg.extra_kv_heads,
         cfg.extra_intermediate,
     )
     return model
