@@ -26,6 +26,7 @@ from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.parameters import count_parameters
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
 from scale_kernels.reference import upscaled_linear_reference
+from scale_kernels.train.baseline_methods import apply_lora
 
 # Llama-3.2-1B's shape (random weights): ~1.24B parameters with the tied 128k-token embedding.
 LLAMA_1B = dict(
@@ -57,7 +58,7 @@ SMOKE_LLAMA = {
     **dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256),
 }
 SMOKE_UPSCALE = dict(extra_hidden=32, extra_heads=2, extra_kv_heads=1, extra_intermediate=64)
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+LORA = dict(r=16, alpha=32, target_modules="all-linear")
 
 FULL_FT, LORA_NAME, HANDWRITTEN_UPSCALED = "full_ft", "lora", "handwritten_upscaled"
 
@@ -127,9 +128,7 @@ def build_upscaled(spec: ModelSpec, device: torch.device, dtype: torch.dtype, se
 def build_lora(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """peft LoRA (``LORA`` settings: r=16, alpha=32, every linear but the head) on a fresh base model, adapters
     as fp32 masters."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_base(spec, device, dtype), LoraConfig(**LORA))
+    model = apply_lora(build_base(spec, device, dtype), **LORA)
     apply_precision_policy(model, precision_policy(dtype))
     return model
 

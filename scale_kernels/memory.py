@@ -102,9 +102,9 @@ def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, 
             raise ValueError("method 'scale' needs upscale=dict(extra_hidden=..., ...) (upscale_model's sizes)")
         upscale_model(model, **upscale, init="zeros", **scale_kwargs)
     elif method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from .train.baseline_methods import apply_lora
 
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=list(LORA_TARGETS)))
+        model = apply_lora(model, lora_r, 2 * lora_r, list(LORA_TARGETS))
     return model
 
 

@@ -21,6 +21,7 @@ import scale_kernels as sk
 from scale_kernels import memory as mem
 from scale_kernels.models import set_activation_checkpointing
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
+from scale_kernels.train.baseline_methods import apply_lora
 
 CONFIG = dict(model_type="llama", **_COMMON)
 B, S, LORA_R = 2, 8, 4
@@ -30,9 +31,7 @@ def build(method: str, fused: bool = True, norm_kernel: bool = False) -> torch.n
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_COMMON))
     if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=8, target_modules=list(mem.LORA_TARGETS)))
+        model = apply_lora(model, LORA_R, 8, list(mem.LORA_TARGETS))
     elif method == "scale":
         sk.upscale_model(model, **EXPANSION, fused_loss=fused)
         for module in model.modules():
