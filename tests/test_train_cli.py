@@ -242,14 +242,14 @@ def test_sweep_runs_parallel_processes_from_the_command_line(tmp_path):
     make_tiny_model_dir(tmp_path / "model")
     (tmp_path / "old.txt").write_text(SAMPLE_TEXT * 4, encoding="utf-8")
     (tmp_path / "new.txt").write_text("In the beginning was the Word. " * 40, encoding="utf-8")
-    flags = "--variants full --seeds 0 --jobs 2 --out out --model model " + TINY_RUN
+    flags = "--variants lora --seeds 0 --jobs 2 --out out --model model " + TINY_RUN  # two learning rates
     proc = _cli("sweep", *flags.split(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[sweep] 2 runs (0 already done), 2 at once" in proc.stdout and "Pareto front" in proc.stdout
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert sorted(r["lr"] for r in comparison["runs"]) == [2e-5, 1e-4]
+    assert sorted(r["lr"] for r in comparison["runs"]) == [3e-4, 1e-3]
     assert comparison["meta"]["command"] == "python -m scale_kernels.train sweep " + flags
-    assert (tmp_path / "out" / "runs" / "full_lr0.0001_s0" / "train.log").read_text().count("] step ") == 2
+    assert (tmp_path / "out" / "runs" / "lora_lr0.001_s0" / "train.log").read_text().count("] step ") == 2
 
 
 @pytest.mark.slow

@@ -59,7 +59,9 @@ GRIDS: dict[str, tuple[Variant, ...]] = {
     "main": (
         # full FT also at low learning rates: its curve then reaches the new-domain perplexities the SCALE
         # variants reach, so the methods can be compared at matched adaptation (not only where full FT adapts most)
-        Variant("full", "full", (2e-6, 5e-6, 2e-5, 1e-4), description="Full fine-tuning: every parameter trains."),
+        Variant(
+            "full", "full", (1e-6, 2e-6, 5e-6, 2e-5, 1e-4), description="Full fine-tuning: every parameter trains."
+        ),
         Variant("lora", "lora", (3e-4, 1e-3), description="LoRA r=8, alpha=16 on every linear layer but the head."),
         Variant(
             "scale-preserve",
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         choices=sorted(GRIDS),
         default="main",
-        help="main: full FT at four learning rates, LoRA, SCALE-Preserve, SCALE-Route at two; ablations: "
+        help="main: full FT at five learning rates, LoRA, SCALE-Preserve, SCALE-Route at two; ablations: "
         "head gating and the inverted rule at one; all: both (default: main)",
     )
     variants = "; ".join(f"{g}: {', '.join(v.name for v in GRIDS[g])}" for g in ("main", "ablations"))

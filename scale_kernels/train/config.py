@@ -26,7 +26,7 @@ METHODS = SCALE_METHODS + BASELINE_METHODS
 
 # Per-method default learning rates (overridable with --lr), chosen for short runs: SCALE 1e-3 for the
 # expansion (W12 gets w12_lr_scale times it); dense full/freeze fine-tuning 1e-4; LoRA adapters and
-# LLaMA-Pro's new blocks 5e-4. The committed language-shift sweep measures two learning rates per method (four
+# LLaMA-Pro's new blocks 5e-4. The committed language-shift sweep measures two learning rates per method (five
 # for full FT).
 DEFAULT_LR = {
     "scale-preserve": 1e-3,
