@@ -212,6 +212,13 @@ def test_headline_words_follow_the_numbers():
     lines = report.headline({"points": apart, "curves": curves, "matched": report.matched(curves, {})})
     assert "outside full fine-tuning's measured range 20.00-40.00: no matched comparison" in lines[-2]
     assert lines[-1].startswith("Among the trained SCALE variants: no matched comparison is possible")
+    single = [p for p in apart if p["lr"] == 1e-4]  # one point each: values, not "a-a" ranges
+    curves = report.curves(single)
+    lines = report.headline({"points": single, "curves": curves, "matched": report.matched(curves, {})})
+    assert lines[-2] == (
+        "scale-route reaches a new-domain perplexity of 90.00, outside full fine-tuning's measured value 20.00: "
+        "no matched comparison."
+    )
 
 
 def test_a_sweep_stopped_early_stops_its_runs_processes():

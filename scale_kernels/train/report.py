@@ -359,14 +359,17 @@ def _group_answer(group: dict[str, dict[str, Any]]) -> str:
     return "none forgets less than full fine-tuning at matched adaptation (beyond seed noise)."
 
 
+def _ppl_range(lo: float, hi: float) -> str:
+    """``"39.30-46.74"``, or one value when the range is one point."""
+    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+
 def _verdict_sentence(label: str, m: dict[str, Any]) -> str:
-    lo, hi = m["new_ppl_range"]
-    rlo, rhi = m["reference_range"]
     if m["verdict"] == "no overlap":
-        return (
-            f"{label} reaches new-domain perplexities {lo:.2f}-{hi:.2f}, outside full fine-tuning's "
-            f"measured range {rlo:.2f}-{rhi:.2f}: no matched comparison."
-        )
+        own, ref = _ppl_range(*m["new_ppl_range"]), _ppl_range(*m["reference_range"])
+        reaches = f"new-domain perplexities {own}" if "-" in own else f"a new-domain perplexity of {own}"
+        measured = f"range {ref}" if "-" in ref else f"value {ref}"
+        return f"{label} reaches {reaches}, outside full fine-tuning's measured {measured}: no matched comparison."
     diffs = [r["difference"] for r in m["rows"]]
     span = f"{min(diffs):+.1f} to {max(diffs):+.1f}" if len(diffs) > 1 else f"{diffs[0]:+.1f}"
     words = {
@@ -531,10 +534,8 @@ def readme(comparison: dict[str, Any]) -> str:
     ]
     for label, m in comparison["matched"].items():
         if not m["rows"]:
-            out.append(
-                f"| {label} | no overlap ({m['new_ppl_range'][0]:.2f}-{m['new_ppl_range'][1]:.2f} vs "
-                f"{m['reference_range'][0]:.2f}-{m['reference_range'][1]:.2f}) | | | |"
-            )
+            own, ref = _ppl_range(*m["new_ppl_range"]), _ppl_range(*m["reference_range"])
+            out.append(f"| {label} | no overlap ({own} vs {ref}) | | | |")
         for row in m["rows"]:
             out.append(
                 f"| {label} | {row['new_ppl']:.2f} | {row['forgetting_pct']:+.1f}% "
