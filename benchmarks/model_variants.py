@@ -23,10 +23,10 @@ from torch import nn
 import scale_kernels
 from scale_kernels.memory import UPSCALE_PRESETS, estimate_training_memory
 from scale_kernels.models import set_activation_checkpointing
+from scale_kernels.models.lora import apply_lora
 from scale_kernels.parameters import count_parameters
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
 from scale_kernels.reference import upscaled_linear_reference
-from scale_kernels.train.baseline_methods import apply_lora
 
 # Llama-3.2-1B's shape (random weights): ~1.24B parameters with the tied 128k-token embedding.
 LLAMA_1B = dict(

@@ -102,7 +102,7 @@ def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, 
             raise ValueError("method 'scale' needs upscale=dict(extra_hidden=..., ...) (upscale_model's sizes)")
         upscale_model(model, **upscale, init="zeros", **scale_kwargs)
     elif method == "lora":
-        from .train.baseline_methods import apply_lora
+        from .models.lora import apply_lora
 
         model = apply_lora(model, lora_r, 2 * lora_r, list(LORA_TARGETS))
     return model

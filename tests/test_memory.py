@@ -20,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import scale_kernels as sk
 from scale_kernels import memory as mem
 from scale_kernels.models import set_activation_checkpointing
+from scale_kernels.models.lora import apply_lora
 from scale_kernels.precision import PrecisionPolicy, apply_precision_policy
-from scale_kernels.train.baseline_methods import apply_lora
 
 CONFIG = dict(model_type="llama", **_COMMON)
 B, S, LORA_R = 2, 8, 4

@@ -1,15 +1,15 @@
-"""Baseline continual pre-training set-ups of the SCALE paper: full FT, LoRA, freezing, depth expansion.
+"""Baseline continual pre-training set-ups of the SCALE paper: full FT, freezing, depth expansion (LoRA:
+:func:`scale_kernels.models.lora.apply_lora`).
 
-Each ``apply_*`` changes the model in place (or wraps it, for LoRA) and leaves ``requires_grad`` set on
-exactly the parameters that train. All of them keep the model's function unchanged at step 0. ``full`` and
-``lora`` work on any HF causal LM; ``freeze`` and ``depth`` need the Llama layout's ``model.layers``
+Each ``apply_*`` changes the model in place and leaves ``requires_grad`` set on
+exactly the parameters that train. All of them keep the model's function unchanged at step 0. ``full`` works
+on any HF causal LM; ``freeze`` and ``depth`` need the Llama layout's ``model.layers``
 (:func:`decoder_layers`).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 from torch import nn
 
@@ -51,24 +51,6 @@ def apply_freeze(model: nn.Module, freeze_lower: int | None = None) -> nn.Module
         for p in norm.parameters():
             p.requires_grad_(True)
     return model
-
-
-def apply_lora(
-    model: nn.Module, r: int = 8, alpha: int = 16, target_modules: str | list[str] = "all-linear"
-) -> nn.Module:
-    """LoRA adapters (via ``peft``, no dropout) on ``target_modules`` (default: every linear layer except the LM
-    head); returns the PEFT model. The one place this package builds a LoRA model (training, benchmarks and the
-    memory estimator)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise ValueError("the lora baseline needs peft: pip install peft") from e
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # peft (0.21) reads the attribute recent transformers 5.x renamed to is_activation_checkpointing; the
-        # FutureWarning is about peft's code, not the user's
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        return get_peft_model(model, config)
 
 
 def insertion_points(n_layers: int, blocks: int) -> list[int]:

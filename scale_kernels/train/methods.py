@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from scale_kernels.models.lora import apply_lora
 from scale_kernels.parameters import count_parameters, trainable_state_dict
 
 from . import baseline_methods
@@ -228,7 +229,7 @@ def _prepare_full(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
 
 
 def _prepare_lora(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
-    wrapped = baseline_methods.apply_lora(model, cfg.lora_r, cfg.lora_alpha)
+    wrapped = apply_lora(model, cfg.lora_r, cfg.lora_alpha)
     return MethodSetup(wrapped, "lora", {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha})
 
 
