@@ -79,6 +79,14 @@ def save_checkpoint(
     return final
 
 
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic JSON write (temp file + rename): a reader never sees half a file (a run's log and results, the
+    sweep's state)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoint folders under ``root``, oldest first."""
     root = Path(root)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .run_checkpoints import write_json
 
 BASE = "base"
 # relative cost of one training step per method (full fine-tuning = 1; measured on a 2-core CPU with
@@ -99,13 +100,16 @@ def estimated_cost(cfg: TrainConfig) -> float:
     return per_step * cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
 
 
-def _same_config(results_path: Path, cfg: TrainConfig) -> bool:
-    if not results_path.is_file():
-        return False
+def _finished_results(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The ``results.json`` of a finished run with exactly this configuration, else None."""
+    path = Path(cfg.output_dir) / "results.json"
+    if not path.is_file():
+        return None
     try:
-        return json.loads(results_path.read_text(encoding="utf-8"))["config"] == cfg.to_dict()
+        results = json.loads(path.read_text(encoding="utf-8"))
+        return results if results["config"] == cfg.to_dict() else None
     except (ValueError, KeyError):
-        return False
+        return None
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -149,14 +153,15 @@ def _stopping_children_on_exit():
 
 
 def run_one(cfg: TrainConfig, *, subprocess_run: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` (in a subprocess logging to ``<output_dir>/train.log`` by default), return its results.
-    Raises RuntimeError when the run fails."""
+    """Train ``cfg`` (in a subprocess logging to ``<output_dir>/train.log`` by default), return its results as
+    recorded in ``<output_dir>/results.json``. Raises RuntimeError when the run fails."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not subprocess_run:
         from .trainer import run_training
 
-        return run_training(cfg)
+        run_training(cfg)
+        return json.loads((out / "results.json").read_text(encoding="utf-8"))
     config_path = out / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
     cmd = [sys.executable, "-m", "scale_kernels.train", "train", "--config", str(config_path)]
@@ -214,9 +219,7 @@ class _State:
 
     def save(self) -> None:
         self.data["invocations"][-1]["wall_seconds"] = time.time() - self.start
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
     @property
     def wall_seconds(self) -> float:
@@ -256,16 +259,16 @@ def run_sweep(
         base_cfg, method="full", steps=0, eval_at_start=True, save_final=False, output_dir=str(out_dir / BASE)
     ).validate()
     configs = {spec.name: spec.config(base_cfg, out_dir) for spec in runs}
-    todo = [
-        s
-        for s in runs
-        if not (reuse and _same_config(Path(configs[s.name].output_dir) / "results.json", configs[s.name]))
-    ]
+    finished_results = {}  # run name -> its results.json (reused, or trained now)
+    if reuse:
+        for spec in runs:
+            if (found := _finished_results(configs[spec.name])) is not None:
+                finished_results[spec.name] = found
+    todo = [s for s in runs if s.name not in finished_results]
     total_cost = sum(estimated_cost(c) for c in configs.values())
     log(f"[sweep] {len(runs)} runs ({len(runs) - len(todo)} already done), {jobs} at once; output in {out_dir}")
-    if reuse and _same_config(out_dir / BASE / "results.json", base_run):
-        base = json.loads((out_dir / BASE / "results.json").read_text(encoding="utf-8"))
-    else:
+    base = _finished_results(base_run) if reuse else None
+    if base is None:
         log("[sweep] evaluating the base model and caching its outputs")
         base = run_one(base_run, subprocess_run=subprocess_run)
     todo.sort(key=lambda s: -estimated_cost(configs[s.name]))
@@ -300,6 +303,7 @@ def run_sweep(
                     log(f"[sweep] FAILED {spec.name}: {e}")
                     continue
                 shutil.rmtree(Path(configs[spec.name].output_dir) / "checkpoints", ignore_errors=True)
+                finished_results[spec.name] = result
                 after = result["after"]
                 log(
                     f"[sweep] done {spec.name}: old-domain ppl {base['evals'][0]['old']['ppl']:.2f} -> "
@@ -317,11 +321,7 @@ def run_sweep(
                 if cost_done_here > 0:
                     eta = f", about {_format_seconds(elapsed / cost_done_here * (total_cost - done_cost))} left"
                 log(f"[sweep] {_format_seconds(elapsed)} elapsed, {finished}/{len(todo)} finished{eta} | {running}")
-    results = []
-    for spec in runs:
-        path = Path(configs[spec.name].output_dir) / "results.json"
-        if spec.name not in failures and path.is_file():
-            results.append((spec, json.loads(path.read_text(encoding="utf-8"))))
+    results = [(spec, finished_results[spec.name]) for spec in runs if spec.name in finished_results]
     state.save()
     info = {
         **(meta or {}),

@@ -15,7 +15,6 @@ false) and ``results.json``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -196,13 +195,6 @@ def _process_cpu_seconds() -> float:
     much a run was slowed by other processes on the machine."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -414,7 +406,7 @@ class Trainer:
             self.model.train()
         self.evals.append(row)
         if self.dist.main:
-            _write_json(self.out / "log.json", {"evals": self.evals, "losses": self.losses})
+            run_checkpoints.write_json(self.out / "log.json", {"evals": self.evals, "losses": self.losses})
         return row
 
     # ------------------------------------------------------------------ training
@@ -532,7 +524,7 @@ class Trainer:
             "torch_version": torch.__version__,
         }
         if self.dist.main:
-            _write_json(self.out / "results.json", results)
+            run_checkpoints.write_json(self.out / "results.json", results)
         return results
 
 
