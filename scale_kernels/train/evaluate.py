@@ -173,6 +173,12 @@ def evaluate(
         ids = data.ids[rows].to(device)
         content = ~data.boundary[rows, 1:].to(device)
         everything = torch.ones_like(content)
+        index = row_index[rows]
+        source_masks = {}  # this batch's targets of each source that has rows in it
+        for source, span in (sources or {}).items():
+            in_span = (index >= span.start) & (index < span.stop)
+            if in_span.any():
+                source_masks[source] = in_span.to(device)[:, None].expand_as(content)
         base_logits = base(rows) if base is not None else None
         with autocast_context(device, precision):
             predictions = predict(ids, base_logits)
@@ -180,11 +186,8 @@ def evaluate(
         for name, pred in predictions.items():
             stats = batch.of(pred)
             totals.setdefault(name, _Totals()).add(stats, content, everything)
-            for source, span in (sources or {}).items():
-                index = row_index[rows]
-                mine = ((index >= span.start) & (index < span.stop)).to(device)[:, None] & everything
-                if mine.any():
-                    by_source.setdefault((name, source), _Totals()).add(stats, content, mine)
+            for source, mine in source_masks.items():
+                by_source.setdefault((name, source), _Totals()).add(stats, content, mine)
     out: dict[str, dict[str, Any]] = {name: t.metrics() for name, t in totals.items()}
     for (name, source), t in by_source.items():
         out[name].setdefault("by_source", {})[source] = t.metrics()
