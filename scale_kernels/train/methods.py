@@ -59,13 +59,17 @@ class MethodSetup:
     model: nn.Module
     method: str
     details: dict[str, Any] = field(default_factory=dict)
-    scale: bool = False  # a SCALE model (upscaled)
     # the rule (a scale_kernels.RoutePolicy): routed methods predict with it; the other SCALE methods use it
     # only for the "gated_rule" evaluation view (the base model vs the trained model, per token)
     policy: Any = None
     routed: bool = False
     route_train: str = "policy"  # "policy": the rule also picks the path in training; "adapt": adapt path
     preserve_path_trains: bool = False  # routed, head not gated: the preservation path has trainable terms
+
+    @property
+    def scale(self) -> bool:
+        """A SCALE model (upscaled)."""
+        return self.method in SCALE_METHODS
 
     def _logits(self, ids: Tensor, **kwargs: Any) -> Tensor:
         return self.model(input_ids=ids, use_cache=False, **kwargs).logits
@@ -216,7 +220,6 @@ def _prepare_scale(model: nn.Module, cfg: TrainConfig) -> MethodSetup:
         model,
         cfg.method,
         details,
-        scale=True,
         policy=policy,
         routed=cfg.routed,
         route_train=cfg.route_train,
