@@ -28,11 +28,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_LR, METHODS, TrainConfig, field_kinds, make_config, read_config_file
+from .config import METHODS, TrainConfig, field_kinds, make_config, read_config_file
 from .corpora import APT_PACKAGES, DataSetupError
 from .data import source_syntax
 from .model_loading import MODEL_SYNTAX
@@ -186,10 +186,13 @@ def _subcommand(
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     if config_flags:
         _add_config_flags(parser, preset)
+        parser.set_defaults(preset=preset)
     return parser
 
 
-def _add_sweep_flags(parser: argparse.ArgumentParser, out: str, jobs: int) -> None:
+def _add_sweep_flags(parser: argparse.ArgumentParser, out: str, jobs: int, title: str) -> None:
+    """The options of the commands that train several runs and write a report titled ``title``."""
+    parser.set_defaults(title=title)
     parser.add_argument("--out", default=out, help=f"folder of the runs and caches (default {out}; git-ignored)")
     parser.add_argument("--results", default=None, help="folder of the report (default: --out)")
     parser.add_argument("--jobs", type=int, default=jobs, help=f"runs at once (default {jobs})")
@@ -218,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = _subcommand(
         sub, "sweep", "the language-shift benchmark: methods x learning rates x seeds", preset=SWEEP_PRESET
     )
-    _add_sweep_flags(sweep, SWEEP_OUT, 2)
+    _add_sweep_flags(sweep, SWEEP_OUT, 2, "Continual pre-training English -> Spanish: forgetting vs adaptation")
     sweep.add_argument(
         "--grid",
         choices=sorted(GRIDS),
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--all-seeds", action="store_true", help="every seed for every learning rate")
     compare = _subcommand(sub, "compare", "several methods, one learning rate each, on one budget")
-    _add_sweep_flags(compare, "runs/compare", 1)
+    _add_sweep_flags(compare, "runs/compare", 1, "Comparison: forgetting vs adaptation")
     compare.add_argument(
         "--methods",
         default="full,scale-route",
@@ -245,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _subcommand(
         sub, "demo", "the README demo: full fine-tuning vs SCALE-Preserve, English -> Spanish", preset=DEMO_PRESET
     )
-    _add_sweep_flags(demo, DEMO_OUT, 2)
+    _add_sweep_flags(demo, DEMO_OUT, 2, "Demo: full fine-tuning vs SCALE-Preserve, English -> Spanish")
     return parser
 
 
@@ -320,7 +323,8 @@ def _sweep_runs(args: argparse.Namespace, cfg: TrainConfig) -> list[RunSpec]:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; choose from {METHODS}")
-        return [RunSpec(Variant(m, m, (cfg.lr or DEFAULT_LR[m],)), cfg.lr or DEFAULT_LR[m], cfg.seed) for m in methods]
+        lrs = {m: replace(cfg, method=m).learning_rate for m in methods}
+        return [RunSpec(Variant(m, m, (lrs[m],)), lrs[m], cfg.seed) for m in methods]
     if args.command == "demo":
         return grid(DEMO_VARIANTS, [cfg.seed])
     variants = GRIDS[args.grid]
@@ -353,18 +357,12 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from .report import demo_conclusion, preservation_sentence
     from .sweep import run_sweep
 
-    preset = {"compare": None, "demo": DEMO_PRESET, "sweep": SWEEP_PRESET}[args.command]
-    cfg = _config_from_args(args, preset)
+    cfg = _config_from_args(args, args.preset)
     runs = _sweep_runs(args, cfg)
     if _uses_bundled_pieces(cfg) and cmd_setup(install=False) != 0:  # stop before training, not half-way
         return 1
-    title = {
-        "sweep": "Continual pre-training English -> Spanish: forgetting vs adaptation",
-        "demo": "Demo: full fine-tuning vs SCALE-Preserve, English -> Spanish",
-        "compare": "Comparison: forgetting vs adaptation",
-    }[args.command]
     meta = {
-        "title": title,
+        "title": args.title,
         "command": "python -m scale_kernels.train " + shlex.join(argv),
         "machine": machine_description(),
     }

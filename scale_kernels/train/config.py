@@ -20,6 +20,8 @@ from scale_kernels.backends import BACKEND_NAMES
 from scale_kernels.models import ATTENTION, MLP
 from scale_kernels.modules import INITS, check_choice, check_size
 
+from .data import DEFAULT_SEPARATOR
+
 SCALE_METHODS = ("scale-preserve", "scale-adapt", "scale-route")
 BASELINE_METHODS = ("full", "lora", "freeze", "depth")
 METHODS = SCALE_METHODS + BASELINE_METHODS
@@ -40,7 +42,6 @@ DEFAULT_LR = {
 PRECISIONS = ("fp32", "bf16", "fp16")
 ROUTE_TRAIN = ("policy", "adapt")
 ROUTE_RULES = ("paper", "inverted")
-MODULE_GROUPS = ("attention", "mlp", "all")  # adapt_modules: these groups or single projections
 DATA_SOURCES = "data sources (comma-separated; see DATA SOURCES below)"
 
 
@@ -105,7 +106,7 @@ class TrainConfig:
         None, "new-domain (adaptation) evaluation " + DATA_SOURCES + " (default: held out of train_data)"
     )
     eval_fraction: float = option(0.05, "held-out split: every round(1 / eval_fraction)-th document")
-    separator: str = option("\n\n", "text joining packed documents (never the EOS / chat token)")
+    separator: str = option(DEFAULT_SEPARATOR, "text joining packed documents (never the EOS / chat token)")
     seq_len: int = option(128, "tokens per packed sequence")
     eval_sequences: int = option(36, "eval sequences per domain, shared evenly by its sources")
     # optimisation
