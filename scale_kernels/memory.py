@@ -108,15 +108,6 @@ def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, 
     return model
 
 
-def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    seen, out = set(), []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
-
-
 def _matmul_weight(name: str, fused_loss: bool) -> bool:
     """Whether a trainable parameter is read by a matmul (so autocast keeps a compute-dtype copy of it)."""
     leaf = name.rsplit(".", 1)[-1]
@@ -217,11 +208,10 @@ def estimate_training_memory(
     fused_loss = scale if fused_loss is None else fused_loss
     norm_kernel = scale if norm_kernel is None else norm_kernel
     model = build_meta_model(config, method, upscale=upscale, lora_r=lora_r)
-    params = _unique_parameters(model)
     c = policy.autocast_dtype.itemsize
     counts = {"trainable": 0, "frozen": 0}
     weights = gradients = optimizer = copies = 0
-    for name, p in params:
+    for name, p in model.named_parameters():  # a tied parameter once, under its first name
         per = policy.bytes_per_parameter(p.requires_grad)
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
         weights, gradients, optimizer = (

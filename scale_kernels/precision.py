@@ -81,11 +81,7 @@ def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy | None = No
     """
     policy = policy or PrecisionPolicy()
     counts = {"frozen": 0, "trainable": 0}
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for name, param in model.named_parameters():  # a tied parameter once, under its first name
         if param.grad is not None:
             raise ValueError(f"apply_precision_policy: {name} already has a gradient; apply the policy before training")
         dtype = policy.dtype_of(param)
