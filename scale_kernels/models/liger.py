@@ -74,5 +74,4 @@ def apply_liger_kernels(model: nn.Module, ops: Iterable[str] = LIGER_OPS) -> dic
         counts["rope"] = len(layers)
     if not any(counts.values()):
         raise ValueError("apply_liger_kernels patched nothing")
-    model.scale_liger_ops = tuple(ops)
     return counts
