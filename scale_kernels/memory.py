@@ -72,12 +72,6 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def summary(self) -> str:
-        gib = 2.0**30
-        parts = ("weights", "compute_copies", "gradients", "optimizer", "activations", "loss_transient", "peak")
-        body = ", ".join(f"{p} {getattr(self, p) / gib:.2f}" for p in parts)
-        return f"{self.method}: {body} GiB (trainable {self.trainable_params:,}, frozen {self.frozen_params:,})"
-
 
 def _config_object(config: dict):
     from transformers import AutoConfig
@@ -87,7 +81,7 @@ def _config_object(config: dict):
     return AutoConfig.for_model(model_type, **config)
 
 
-def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, lora_r: int = 16, **scale_kwargs):
+def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, lora_r: int = 16):
     """The model a method trains, on the ``meta`` device (shapes and ``requires_grad`` only, no memory)."""
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +94,7 @@ def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, 
 
         if not upscale:
             raise ValueError("method 'scale' needs upscale=dict(extra_hidden=..., ...) (upscale_model's sizes)")
-        upscale_model(model, **upscale, init="zeros", **scale_kwargs)
+        upscale_model(model, **upscale, init="zeros")
     elif method == "lora":
         from .models.lora import apply_lora
 
