@@ -72,12 +72,6 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def summary(self) -> str:
-        gib = 2.0**30
-        parts = ("weights", "compute_copies", "gradients", "optimizer", "activations", "loss_transient", "peak")
-        body = ", ".join(f"{p} {getattr(self, p) / gib:.2f}" for p in parts)
-        return f"{self.method}: {body} GiB (trainable {self.trainable_params:,}, frozen {self.frozen_params:,})"
-
 
 def _config_object(config: dict):
     from transformers import AutoConfig
@@ -87,7 +81,7 @@ def _config_object(config: dict):
     return AutoConfig.for_model(model_type, **config)
 
 
-def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, lora_r: int = 16, **scale_kwargs):
+def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, lora_r: int = 16):
     """The model a method trains, on the ``meta`` device (shapes and ``requires_grad`` only, no memory)."""
     from transformers import AutoModelForCausalLM
 
@@ -100,21 +94,12 @@ def build_meta_model(config: dict, method: str, *, upscale: dict | None = None, 
 
         if not upscale:
             raise ValueError("method 'scale' needs upscale=dict(extra_hidden=..., ...) (upscale_model's sizes)")
-        upscale_model(model, **upscale, init="zeros", **scale_kwargs)
+        upscale_model(model, **upscale, init="zeros")
     elif method == "lora":
         from .models.lora import apply_lora
 
         model = apply_lora(model, lora_r, 2 * lora_r, list(LORA_TARGETS))
     return model
-
-
-def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    seen, out = set(), []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
 
 
 def _matmul_weight(name: str, fused_loss: bool) -> bool:
@@ -217,11 +202,10 @@ def estimate_training_memory(
     fused_loss = scale if fused_loss is None else fused_loss
     norm_kernel = scale if norm_kernel is None else norm_kernel
     model = build_meta_model(config, method, upscale=upscale, lora_r=lora_r)
-    params = _unique_parameters(model)
     c = policy.autocast_dtype.itemsize
     counts = {"trainable": 0, "frozen": 0}
     weights = gradients = optimizer = copies = 0
-    for name, p in params:
+    for name, p in model.named_parameters():  # a tied parameter once, under its first name
         per = policy.bytes_per_parameter(p.requires_grad)
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
         weights, gradients, optimizer = (

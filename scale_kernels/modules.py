@@ -513,10 +513,12 @@ class ScaleRMSNorm(ExpansionModule):
 
     def uses_kernel(self, x: Tensor) -> bool:
         """Whether :meth:`forward` on ``x`` runs the fused Triton kernel (else the PyTorch path)."""
-        if self.weight.requires_grad or triton_or_torch(self.backend, x.device, x.dtype) != "triton":
-            return False
-        width = max(self.hidden_size, self.extra)
-        return _split_norm.unavailable_reason(x.device, x.dtype, width) is None
+        # triton_or_torch returns "triton" only where the triton backend can run x's device and dtype
+        return (
+            not self.weight.requires_grad
+            and triton_or_torch(self.backend, x.device, x.dtype) == "triton"
+            and max(self.hidden_size, self.extra) <= _split_norm.MAX_WIDTH
+        )
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}+{self.extra}, eps={self.variance_epsilon}"

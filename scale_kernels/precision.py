@@ -42,12 +42,10 @@ class PrecisionPolicy:
     compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        if self.frozen_dtype not in (*LOW_PRECISION, torch.float32):
-            raise ValueError(f"frozen_dtype must be bfloat16, float16 or float32, got {self.frozen_dtype}")
-        if self.trainable_dtype not in (*LOW_PRECISION, torch.float32):
-            raise ValueError(f"trainable_dtype must be bfloat16, float16 or float32, got {self.trainable_dtype}")
-        if self.compute_dtype is not None and self.compute_dtype not in (*LOW_PRECISION, torch.float32):
-            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype}")
+        for name in ("frozen_dtype", "trainable_dtype", "compute_dtype"):  # compute_dtype None: frozen_dtype
+            dtype = getattr(self, name)
+            if dtype not in (*LOW_PRECISION, torch.float32) and not (name == "compute_dtype" and dtype is None):
+                raise ValueError(f"{name} must be bfloat16, float16 or float32, got {dtype}")
 
     @property
     def autocast_dtype(self) -> torch.dtype:
@@ -81,11 +79,7 @@ def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy | None = No
     """
     policy = policy or PrecisionPolicy()
     counts = {"frozen": 0, "trainable": 0}
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for name, param in model.named_parameters():  # a tied parameter once, under its first name
         if param.grad is not None:
             raise ValueError(f"apply_precision_policy: {name} already has a gradient; apply the policy before training")
         dtype = policy.dtype_of(param)

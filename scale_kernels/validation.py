@@ -86,14 +86,22 @@ class CheckedCall(NamedTuple):
     plain_tensors: bool
 
 
-def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+def _check_tensor(name: str, t: object, ndim: int | None = None, op: str = _OP) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}; use .to_dense()")
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}; use .to_dense()")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{_OP}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
+
+
+def _check_route_dtype(route: torch.Tensor, op: str = _OP) -> None:
+    if not (route.dtype == torch.bool or route.dtype.is_floating_point):
+        raise TypeError(
+            f"{op}: route must be a bool mask or a floating-point gate, got {route.dtype}; "
+            f"use route.bool() for a 0/1 integer mask"
+        )
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
@@ -201,11 +209,7 @@ def _check_signature(x, w, w21, w22, w12, bias, bias_up, route) -> BlockSizes:
                 f"{_OP}: route must have x's leading shape {tuple(x.shape[:-1])} (one value per token), "
                 f"got {tuple(route.shape)}"
             )
-        if not (route.dtype == torch.bool or route.dtype.is_floating_point):
-            raise TypeError(
-                f"{_OP}: route must be a bool mask or a floating-point gate, got {route.dtype}; "
-                f"use route.bool() for a 0/1 integer mask"
-            )
+        _check_route_dtype(route)
         if route.device != x.device:
             raise ValueError(f"{_OP}: route must be on x's device {x.device}, got {route.device}")
     return BlockSizes(d_in=d_in, e_in=e_in, d_out=d_out, e_out=e_out)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -125,7 +125,9 @@ class UpscaleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> UpscaleConfig:
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"gate_head"}  # gate_head: absent in records written before it existed
+        # a field with a default (gate_head) may be absent: records written before it existed
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(d)
         if missing:
             raise ValueError(f"upscale config is missing {sorted(missing)}; was it written by scale_kernels?")
         kw = {k: d[k] for k in names if k in d}

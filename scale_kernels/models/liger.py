@@ -18,6 +18,7 @@ Which liger-kernel kernels accept the widened shapes:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from collections.abc import Iterable
@@ -40,8 +41,7 @@ def _import(name: str):
         ) from exc
 
 
-def _swiglu_forward(self: nn.Module, x):
-    silu_mul = _import("liger_kernel.ops.swiglu").LigerSiLUMulFunction
+def _swiglu_forward(self: nn.Module, x, *, silu_mul):
     return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -58,12 +58,12 @@ def apply_liger_kernels(model: nn.Module, ops: Iterable[str] = LIGER_OPS) -> dic
     counts = {}
     layers = model.model.layers
     if "swiglu" in ops:
-        _import("liger_kernel.ops.swiglu")
+        forward = functools.partial(_swiglu_forward, silu_mul=_import("liger_kernel.ops.swiglu").LigerSiLUMulFunction)
         for layer in layers:
             act = getattr(layer.mlp.config if hasattr(layer.mlp, "config") else model.config, "hidden_act", "silu")
             if act not in ("silu", "swish"):
                 raise ValueError(f"liger SwiGLU needs a SiLU MLP, got hidden_act={act!r}")
-            layer.mlp.forward = types.MethodType(_swiglu_forward, layer.mlp)
+            layer.mlp.forward = types.MethodType(forward, layer.mlp)
         counts["swiglu"] = len(layers)
     if "rope" in ops:
         rope = _import("liger_kernel.transformers.rope").liger_rotary_pos_emb
@@ -74,5 +74,4 @@ def apply_liger_kernels(model: nn.Module, ops: Iterable[str] = LIGER_OPS) -> dic
         counts["rope"] = len(layers)
     if not any(counts.values()):
         raise ValueError("apply_liger_kernels patched nothing")
-    model.scale_liger_ops = tuple(ops)
     return counts

@@ -28,10 +28,12 @@ import os
 
 import torch
 
+from .. import validation
 from .selection import triton_or_torch
 
 Tensor = torch.Tensor
 
+_OP = "fused_head_cross_entropy"
 REDUCTIONS = ("mean", "sum")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # widest vocab block one program reads at a time (Liger's MAX_FUSED_SIZE is the same order); small under the
@@ -293,11 +295,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
 
 
 def _check_tensor(name: str, t: object, dims: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    return t
+    return validation._check_tensor(name, t, dims, op=_OP)
 
 
 def check_head_loss_args(
@@ -335,15 +333,14 @@ def check_head_loss_args(
         _check_tensor("route", route, 1)
         if route.shape[0] != n:
             raise ValueError(f"route must have shape ({n},) (one per token of x), got {tuple(route.shape)}")
-        if not (route.dtype == torch.bool or route.dtype.is_floating_point):
-            raise TypeError(f"route must be a bool mask or a float gate, got {route.dtype}")
+        validation._check_route_dtype(route, op=_OP)
     for name, t in (("w", w), ("bias", bias)):
         if t is not None and t.requires_grad:
             raise ValueError(f"{name} must be frozen (requires_grad=False): the fused head never computes its gradient")
     for name, t in (("x", x), ("w", w), ("w_up", w_up), ("bias", bias), ("route", route), ("labels", labels)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all operands must share a device")
-    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if compute_dtype not in validation.SUPPORTED_DTYPES:
         raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
     for name, t in (("w", w), ("w_up", w_up), ("bias", bias)):
         if t is not None and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):

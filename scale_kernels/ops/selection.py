@@ -6,8 +6,6 @@ import torch
 
 from .. import backends
 
-FUSED_OP_BACKENDS = ("torch", "triton")
-
 
 @torch.compiler.assume_constant_result
 def triton_or_torch(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:

@@ -141,21 +141,6 @@ if triton is not None:
             tl.store(dw_up_ptr + pid.to(tl.int64) * E + offs, dw_acc, mask=offs < E)
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype, width: int) -> str | None:
-    """None if the Triton kernels can normalise slices of ``width`` here, else why not."""
-    if triton is None:
-        return "triton is not installed"
-    if device.type == "cpu" and not INTERPRET:
-        return "the triton kernels run CPU tensors only under TRITON_INTERPRET=1"
-    if device.type not in ("cpu", "cuda"):
-        return f"the triton kernels need CUDA tensors, got device {device}"
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton kernels support float32/float16/bfloat16, got {dtype}"
-    if width > MAX_WIDTH:
-        return f"a slice of width {width} exceeds the one-block limit {MAX_WIDTH}"
-    return None
-
-
 def _block(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
@@ -256,7 +241,8 @@ def split_rms_norm(x: Tensor, w: Tensor, w_up: Tensor, eps: float) -> Tensor:
     """The fused split RMSNorm (Triton). ``x (..., d + e)``, frozen ``w (d,)``, trainable ``w_up (e,)``.
 
     Raises ValueError naming the argument for a trainable ``w``, mismatched widths or devices, a non-finite or
-    negative ``eps``; callers that cannot use the kernels (see :func:`unavailable_reason`) use
+    negative ``eps``; callers that cannot use the kernels (the ``triton`` backend unavailable here, see
+    :func:`scale_kernels.backends.unavailable_reason`, or a slice wider than :data:`MAX_WIDTH`) use
     :func:`split_rms_norm_torch`.
     """
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
