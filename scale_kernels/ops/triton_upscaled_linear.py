@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
+
 name = "triton"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -618,11 +620,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _bucket(n: int) -> int:
-    """Autotune key for a size that varies between calls (tokens): its power-of-two bucket."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's matmul setting (TF32 only if the user allowed it); halves use tensor cores."""
     if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
@@ -664,7 +661,7 @@ def forward(x, w, w21, w22, w12, bias, bias_up, route) -> torch.Tensor:
     num_sms = _num_sms(x.device)
     _forward_kernel[_persistent_grid(num_sms, M, d_out, e_out)](
         x, w, _or(w12, w), w21, w22, _or(bias, w), _or(bias_up, w), _or(route, w), y,
-        M, d_in, e_in, d_out, e_out, _bucket(M),
+        M, d_in, e_in, d_out, e_out, backends.token_bucket(M),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         *_strides(w), *_strides(w12), *_strides(w21), *_strides(w22),
         HAS_W12=has_w12, HAS_ROUTE=route is not None,
@@ -694,7 +691,7 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
         num_sms = _num_sms(dy.device)
         _backward_input_kernel[_persistent_grid(num_sms, M, d_in, e_in)](
             dy, _or(x, dy), w, _or(w12, w), w21, w22, _or(route, w), dx, parts,
-            M, d_in, e_in, d_out, e_out, _bucket(M),
+            M, d_in, e_in, d_out, e_out, backends.token_bucket(M),
             dy.stride(0), dy.stride(1), *_strides(x), dx.stride(0), dx.stride(1),
             *_strides(w), *_strides(w12), *_strides(w21), *_strides(w22),
             HAS_W12=has_w12, HAS_ROUTE=route is not None, NEED_DROUTE=n_parts > 0, DROUTE_COLS=DROUTE_COLS,
@@ -748,7 +745,7 @@ def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w2
 
     _backward_weight_kernel[grid](
         dy, x, _or(route, dy), out["w21"], out["w22"], out["w12"],
-        M, d_in, e_in, d_out, e_out, _bucket(M), splits, per_split,
+        M, d_in, e_in, d_out, e_out, backends.token_bucket(M), splits, per_split,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         split_stride["w21"], out["w21"].stride(-2), split_stride["w22"], out["w22"].stride(-2),
         split_stride["w12"], out["w12"].stride(-2),
