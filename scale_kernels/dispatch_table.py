@@ -86,6 +86,7 @@ def major_minor(version: str | None) -> str | None:
     return f"{match.group(1)}.{match.group(2)}" if match else version
 
 
+@functools.cache  # the metadata lookup reads the installed distributions (about 0.4 ms)
 def _triton_version() -> str | None:
     try:
         return metadata.version("triton")
