@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .triton_rounding import INTERPRET
 
 name = "triton"
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # read by every dot: the interpreter's bf16/fp16 tl.dot is wrong, so it gets fp32 operands
 _UPCAST_DOT = tl.constexpr(INTERPRET)
