@@ -196,8 +196,9 @@ def backward_programs(rows: int, device: torch.device) -> int:
     """How many programs share the rows in the backward kernel (each keeps one dw_up partial)."""
     if device.type != "cuda":
         return max(1, min(rows, _INTERPRET_BACKWARD_PROGRAMS))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(rows, sms * _BACKWARD_PROGRAMS_PER_SM))
+    from .triton_upscaled_linear import device_facts  # cached per device; that module loads on first GPU use
+
+    return max(1, min(rows, device_facts(device.index).num_sms * _BACKWARD_PROGRAMS_PER_SM))
 
 
 def backward(dy: Tensor, x: Tensor, w: Tensor, w_up: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,8 +32,10 @@ interpreter's bf16 ``tl.dot`` is wrong).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -123,9 +125,6 @@ def _first_config_if_deterministic(configs, named_args, **kwargs):
     return configs[:1] if deterministic() else configs
 
 
-_MAX_SHARED_MEMORY: dict[int, int] = {}
-
-
 def _shared_memory_bytes(config: triton.Config, element_size: int, use_tma: bool) -> int:
     """Lower bound of a config's shared memory: the pipeline buffers of A and B blocks, and with TMA the
     staging block of the output store (which the d(route) x_up block reuses)."""
@@ -138,12 +137,9 @@ def _fitting_shared_memory(configs: list, operand: torch.Tensor, use_tma: bool) 
     the compile). Keeps the smallest if none fits."""
     if INTERPRET:
         return configs
-    index = operand.device.index
-    if index not in _MAX_SHARED_MEMORY:
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        _MAX_SHARED_MEMORY[index] = props["max_shared_mem"]
+    limit = device_facts(operand.device.index).max_shared_memory
     size = operand.element_size()
-    fitting = [c for c in configs if _shared_memory_bytes(c, size, use_tma) <= _MAX_SHARED_MEMORY[index]]
+    fitting = [c for c in configs if _shared_memory_bytes(c, size, use_tma) <= limit]
     return fitting or [min(configs, key=lambda c: _shared_memory_bytes(c, size, use_tma))]
 
 
@@ -560,28 +556,29 @@ def _backward_weight_kernel(
 # launchers (host work per call: plain int arithmetic, cached device facts)
 
 
-_NUM_SMS: dict[int, int] = {}
-_HAS_TMA: dict[int, bool] = {}
+class DeviceFacts(NamedTuple):
+    num_sms: int
+    has_tma: bool  # Hopper (compute capability 9.x)
+    max_shared_memory: int  # bytes per block (the opt-in maximum)
+
+
+@functools.cache
+def device_facts(index: int) -> DeviceFacts:
+    """What the launchers (and the config pruner) need of CUDA device ``index`` (a tensor's ``device.index``),
+    queried once per device."""
+    props = torch.cuda.get_device_properties(index)
+    max_shared_memory = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return DeviceFacts(props.multi_processor_count, props.major == 9, max_shared_memory)
 
 
 def _num_sms(device: torch.device) -> int:
-    """Persistent programs per launch: the device's SM count (cached)."""
-    if device.type != "cuda":
-        return INTERPRETER_NUM_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    """Persistent programs per launch: the device's SM count."""
+    return device_facts(device.index).num_sms if device.type == "cuda" else INTERPRETER_NUM_SMS
 
 
 def _device_has_tma(device: torch.device) -> bool:
-    """Hopper (compute capability 9.x) on a GPU; the interpreter emulates descriptors on the CPU."""
-    if device.type != "cuda":
-        return INTERPRET
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _HAS_TMA:
-        _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return _HAS_TMA[index]
+    """Hopper on a GPU; the interpreter emulates descriptors on the CPU."""
+    return device_facts(device.index).has_tma if device.type == "cuda" else INTERPRET
 
 
 # SCALE_KERNELS_TRITON_TMA=0 forces the pointer path (a debugging switch; read once at import)
