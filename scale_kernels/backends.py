@@ -149,6 +149,12 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return {name: unavailable_reason(name, device, dtype) for name in BACKEND_NAMES}
 
 
+def check_backend_name(name: str) -> None:
+    """ValueError unless ``name`` is a backend name or ``"auto"``."""
+    if name not in (*BACKEND_NAMES, "auto"):
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or 'auto', got {name!r}")
+
+
 def requested_backend(backend: str | None = None) -> tuple[str, str]:
     """``(name, source)`` of the backend asked for: the argument, :func:`use_backend`, the env var or auto."""
     if backend is not None:
@@ -262,8 +268,7 @@ def reload_dispatch_tables() -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend (``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``) inside a ``with`` block (this thread /
     task only). Inside a ``torch.compile``-d function pass ``backend=`` instead: the choice is made at trace time."""
-    if name not in (*BACKEND_NAMES, "auto"):
-        raise ValueError(f"backend must be one of {BACKEND_NAMES} or 'auto', got {name!r}")
+    check_backend_name(name)
     token = _forced.set(name)
     try:
         yield
