@@ -78,6 +78,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# the dtypes every backend supports, by name (as tables and the command lines spell them)
+DTYPES = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
 def major_minor(version: str | None) -> str | None:
     """``"2.11.0+cu130"`` -> ``"2.11"``; None stays None."""
     if version is None:
