@@ -25,7 +25,7 @@ import functools
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from types import ModuleType
 from typing import NamedTuple, Protocol
@@ -109,6 +109,12 @@ class DispatchDecision(NamedTuple):
 def token_bucket(tokens: int) -> int:
     """The power of two >= ``tokens`` (0 and 1 stay): calls of similar size share one decision."""
     return tokens if tokens <= 1 else 1 << (tokens - 1).bit_length()
+
+
+def place_gradients(computed: Iterable[torch.Tensor], needs: Iterable[bool]) -> tuple[torch.Tensor | None, ...]:
+    """One slot per entry of ``needs``: the ``computed`` gradients (those needed, in order), None elsewhere."""
+    computed = iter(computed)
+    return tuple(next(computed) if need else None for need in needs)
 
 
 def _load(name: str) -> ModuleType | str:

@@ -121,7 +121,7 @@ def deterministic() -> bool:
     return os.environ.get("SCALE_KERNELS_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
-def _first_config_if_deterministic(configs, named_args, **kwargs):
+def _first_config_if_deterministic(configs: list) -> list:
     return configs[:1] if deterministic() else configs
 
 
@@ -160,7 +160,7 @@ def _pruner(tiles: dict[str, list]):
         if kwargs.get("NEED_DROUTE"):
             chosen = [c for c in chosen if c.kwargs["BLOCK_N"] <= 128] or chosen
         chosen = _fitting_shared_memory(chosen, operand, kwargs["USE_TMA"])
-        return _first_config_if_deterministic(chosen, named_args)
+        return _first_config_if_deterministic(chosen)
 
     return prune
 
