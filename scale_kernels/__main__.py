@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from . import __version__, available_backends, last_backend, upscaled_linear, upscaled_linear_reference
+from .dispatch_table import DTYPES
 from .reference import error_limit
 
 Tensor = torch.Tensor
@@ -96,9 +97,6 @@ def check_backend(name: str, device: str, dtype: torch.dtype) -> tuple[list[str]
             if not err <= limit:  # also catches NaN
                 failures.append(f"{case_name}: {key} error {err:.2e} > limit {limit:.2e}")
     return failures, worst
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:

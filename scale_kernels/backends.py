@@ -25,7 +25,7 @@ import functools
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from types import ModuleType
 from typing import NamedTuple, Protocol
@@ -111,6 +111,12 @@ def token_bucket(tokens: int) -> int:
     return tokens if tokens <= 1 else 1 << (tokens - 1).bit_length()
 
 
+def place_gradients(computed: Iterable[torch.Tensor], needs: Iterable[bool]) -> tuple[torch.Tensor | None, ...]:
+    """One slot per entry of ``needs``: the ``computed`` gradients (those needed, in order), None elsewhere."""
+    computed = iter(computed)
+    return tuple(next(computed) if need else None for need in needs)
+
+
 def _load(name: str) -> ModuleType | str:
     """The backend module, or the reason it cannot be imported."""
     path = _MODULES[name]
@@ -147,6 +153,12 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     """Map each backend name to None (usable for this device/dtype) or the reason it is not."""
     device = torch.device(device)
     return {name: unavailable_reason(name, device, dtype) for name in BACKEND_NAMES}
+
+
+def check_backend_name(name: str) -> None:
+    """ValueError unless ``name`` is a backend name or ``"auto"``."""
+    if name not in (*BACKEND_NAMES, "auto"):
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or 'auto', got {name!r}")
 
 
 def requested_backend(backend: str | None = None) -> tuple[str, str]:
@@ -262,8 +274,7 @@ def reload_dispatch_tables() -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend (``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``) inside a ``with`` block (this thread /
     task only). Inside a ``torch.compile``-d function pass ``backend=`` instead: the choice is made at trace time."""
-    if name not in (*BACKEND_NAMES, "auto"):
-        raise ValueError(f"backend must be one of {BACKEND_NAMES} or 'auto', got {name!r}")
+    check_backend_name(name)
     token = _forced.set(name)
     try:
         yield

@@ -78,6 +78,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# the dtypes every backend supports, by name (as tables and the command lines spell them)
+DTYPES = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
 def major_minor(version: str | None) -> str | None:
     """``"2.11.0+cu130"`` -> ``"2.11"``; None stays None."""
     if version is None:
@@ -86,6 +90,7 @@ def major_minor(version: str | None) -> str | None:
     return f"{match.group(1)}.{match.group(2)}" if match else version
 
 
+@functools.cache  # the metadata lookup reads the installed distributions (about 0.4 ms)
 def _triton_version() -> str | None:
     try:
         return metadata.version("triton")
@@ -123,6 +128,12 @@ def _json_files(paths: Iterable[Path]) -> list[Path]:
 
 def validate(payload: object, source: str = "table") -> dict:
     """``payload`` if it is a dispatch table of this format version, else a ValueError saying what is wrong."""
+    _parse(payload, source)
+    return payload  # type: ignore[return-value]
+
+
+def _parse(payload: object, source: str) -> dict[EntryKey, dict[int, dict[str, float]]]:
+    """The entries of a valid table (key -> tokens -> backend -> ms), else the ValueError of :func:`validate`."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{source}: not a scale_kernels dispatch table (format {FORMAT!r} expected)")
     if payload.get("version") != VERSION:
@@ -130,16 +141,18 @@ def validate(payload: object, source: str = "table") -> dict:
     for field in ("device_name", "torch", "triton", "entries"):
         if field not in payload:
             raise ValueError(f"{source}: dispatch table lacks the field {field!r}")
+    entries: dict[EntryKey, dict[int, dict[str, float]]] = {}
     for i, entry in enumerate(payload["entries"]):
         try:
-            _entry_key(entry)
+            key = _entry_key(entry)
             tokens = int(entry["tokens"])
             ms = {str(k): float(v) for k, v in entry["ms"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{source}: entry {i} is malformed ({exc!r})") from None
         if tokens < 1 or entry["pass"] not in PASSES or any(not (v > 0 and math.isfinite(v)) for v in ms.values()):
             raise ValueError(f"{source}: entry {i} has tokens < 1, an unknown pass or a non-positive time")
-    return payload
+        entries.setdefault(key, {})[tokens] = ms
+    return entries
 
 
 def _entry_key(entry: dict) -> EntryKey:
@@ -158,13 +171,10 @@ def _entry_key(entry: dict) -> EntryKey:
 def _read(path: Path) -> tuple[Table | None, str | None]:
     """The table at ``path``, or None and why it cannot be used."""
     try:
-        payload = validate(json.loads(path.read_text()), str(path))
+        payload = json.loads(path.read_text())
+        entries = _parse(payload, str(path))
     except (OSError, ValueError) as exc:
         return None, str(exc)
-    entries: dict[EntryKey, dict[int, dict[str, float]]] = {}
-    for entry in payload["entries"]:
-        ms = {str(k): float(v) for k, v in entry["ms"].items()}
-        entries.setdefault(_entry_key(entry), {})[int(entry["tokens"])] = ms
     return Table(str(path), {k: v for k, v in payload.items() if k != "entries"}, entries), None
 
 
@@ -203,24 +213,27 @@ def lookup(device_name: str, key: EntryKey, tokens: int) -> list[Measurement]:
     ``tokens == ANY`` and widths equal to ``ANY`` are wildcards (the choice made at ``torch.compile`` trace
     time, where sizes may be symbolic): every entry of every matching key, each key from its first table.
     """
-    wildcard = tokens == ANY or ANY in (key.d_in, key.e_in, key.d_out, key.e_out)
-    found: list[Measurement] = []
-    seen: set[EntryKey] = set()
-    for table in tables_for(device_name)[0]:
-        for entry_key, by_tokens in table.entries.items():
-            if entry_key in seen or not _matches(entry_key, key):
-                continue
-            seen.add(entry_key)
-            if wildcard:
-                found += [Measurement(t, ms, table.path) for t, ms in sorted(by_tokens.items())]
-                continue
-            target = math.log2(max(tokens, 1))
-            distance = {t: abs(math.log2(t) - target) for t in by_tokens}
-            best = min(distance.values())
-            if best <= MAX_TOKEN_DISTANCE:
-                found += [Measurement(t, by_tokens[t], table.path) for t in sorted(by_tokens) if distance[t] == best]
-            return found
-    return found
+    tables = tables_for(device_name)[0]
+    if tokens == ANY or ANY in (key.d_in, key.e_in, key.d_out, key.e_out):
+        found: list[Measurement] = []
+        seen: set[EntryKey] = set()
+        for table in tables:
+            for entry_key, by_tokens in table.entries.items():
+                if entry_key not in seen and _matches(entry_key, key):
+                    seen.add(entry_key)
+                    found += [Measurement(t, ms, table.path) for t, ms in sorted(by_tokens.items())]
+        return found
+    for table in tables:
+        by_tokens = table.entries.get(key)
+        if by_tokens is None:
+            continue
+        target = math.log2(max(tokens, 1))
+        distance = {t: abs(math.log2(t) - target) for t in by_tokens}
+        best = min(distance.values())
+        if best > MAX_TOKEN_DISTANCE:
+            return []
+        return [Measurement(t, by_tokens[t], table.path) for t in sorted(by_tokens) if distance[t] == best]
+    return []
 
 
 def _matches(entry_key: EntryKey, key: EntryKey) -> bool:

@@ -141,8 +141,7 @@ def _op_backward_input(backend: str, *args) -> tuple[Tensor, Tensor]:
 
 
 def _op_backward_weight(backend: str, dy, x, route, d_in, d_out, *needs: bool) -> tuple[Tensor | None, ...]:
-    grads = iter(_backward_weight_op(dy, x, route, d_in, d_out, *needs, backend))
-    return tuple(next(grads) if need else None for need in needs)
+    return backends.place_gradients(_backward_weight_op(dy, x, route, d_in, d_out, *needs, backend), needs)
 
 
 def _backward(ctx, dy):

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from . import backends, dispatch_table
+from .dispatch_table import DTYPES
 from .functional import upscaled_linear
 
 DEFAULT_SHAPES = ((4096, 1024, 4096, 1024), (2048, 512, 2048, 512))
 DEFAULT_TOKENS = (16384, 4096, 1024, 256, 64, 16, 4, 1)  # powers of 4: every M is within a factor 2 of one
 MODES = ("preserve", "adapt", "route")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def shapes_of(model: torch.nn.Module) -> list[tuple[int, int, int, int]]:
@@ -141,9 +141,10 @@ def tune(
 ) -> Path:
     """Measure and write a dispatch table; returns its path. See the module docstring for what is measured."""
     device = torch.device(device)
-    names = [n for n in (backend_names or backends.BACKEND_NAMES) if n in backends.BACKEND_NAMES]
-    usable = [n for n in names if backends.unavailable_reason(n, device, dtype) is None]
-    skipped = {n: backends.unavailable_reason(n, device, dtype) for n in names if n not in usable}
+    reasons = backends.available_backends(device, dtype)
+    names = [n for n in (backend_names or backends.BACKEND_NAMES) if n in reasons]
+    usable = [n for n in names if reasons[n] is None]
+    skipped = {n: reasons[n] for n in names if n not in usable}
     if backends.BASELINE_BACKEND not in usable:
         raise ValueError(f"the {backends.BASELINE_BACKEND!r} baseline must be measured (backends: {names})")
     timer_name, timer = _timer(device, rep_ms)

@@ -80,12 +80,12 @@ def test_deterministic_setting_pins_one_config(monkeypatch):
 
     configs = ["a", "b", "c"]
     monkeypatch.delenv("SCALE_KERNELS_DETERMINISTIC", raising=False)
-    assert tk._first_config_if_deterministic(configs, {}) == configs
+    assert tk._first_config_if_deterministic(configs) == configs
     monkeypatch.setenv("SCALE_KERNELS_DETERMINISTIC", "1")
-    assert tk._first_config_if_deterministic(configs, {}) == ["a"]
+    assert tk._first_config_if_deterministic(configs) == ["a"]
     monkeypatch.delenv("SCALE_KERNELS_DETERMINISTIC")
     torch.use_deterministic_algorithms(True)
     try:
-        assert tk._first_config_if_deterministic(configs, {}) == ["a"]
+        assert tk._first_config_if_deterministic(configs) == ["a"]
     finally:
         torch.use_deterministic_algorithms(False)

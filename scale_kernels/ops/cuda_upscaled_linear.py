@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
+
 name = "cuda"
 MIN_CAPABILITY = (8, 0)  # bf16 mma.sync tensor cores; the binding checks it too
 
@@ -51,5 +53,5 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
 
 
 def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w22: bool, need_w12: bool):
-    grads = iter(_OPS.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12))
-    return tuple(next(grads) if need else None for need in (need_w21, need_w22, need_w12))
+    grads = _OPS.backward_weight(dy, x, route, d_in, d_out, need_w21, need_w22, need_w12)
+    return backends.place_gradients(grads, (need_w21, need_w22, need_w12))

@@ -24,7 +24,6 @@ under ``TRITON_INTERPRET=1``) or plain PyTorch on the chunk (``torch`` backend, 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -35,19 +34,20 @@ Tensor = torch.Tensor
 
 _OP = "fused_head_cross_entropy"
 REDUCTIONS = ("mean", "sum")
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# widest vocab block one program reads at a time (Liger's MAX_FUSED_SIZE is the same order); small under the
-# interpreter so that CPU tests cover the multi-block online logsumexp
-MAX_BLOCK_V = 64 if INTERPRET else 32768
-_WARPS = 32
 
 try:
     import triton
     import triton.language as tl
 
-    from .triton_rounding import FIX_BF16, round_to
+    from .triton_rounding import FIX_BF16, INTERPRET, round_to
 except ImportError:  # pragma: no cover - triton is a Linux dependency of the package
     triton = None
+    INTERPRET = False
+
+# widest vocab block one program reads at a time (Liger's MAX_FUSED_SIZE is the same order); small under the
+# interpreter so that CPU tests cover the multi-block online logsumexp
+MAX_BLOCK_V = 64 if INTERPRET else 32768
+_WARPS = 32
 
 if triton is not None:
 

@@ -19,8 +19,7 @@ def triton_or_torch(backend: str | None, device: torch.device, dtype: torch.dtyp
     Under ``torch.compile`` it is evaluated once at trace time (a constant of the graph).
     """
     requested, _ = backends.requested_backend(backend)
-    if requested not in (*backends.BACKEND_NAMES, "auto"):
-        raise ValueError(f"backend must be one of {backends.BACKEND_NAMES} or 'auto', got {requested!r}")
+    backends.check_backend_name(requested)
     if dtype == torch.float64:
         return "torch"
     triton_ok = backends.unavailable_reason("triton", device, dtype) is None

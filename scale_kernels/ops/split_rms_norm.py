@@ -22,13 +22,10 @@ an fp32 master under the precision policy). Backward (``dn_i = dy_i * w_i``, ``n
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 Tensor = torch.Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_WIDTH = 65536  # a slice is one block of registers per program; wider norms use the torch path
 _BACKWARD_PROGRAMS_PER_SM = 4
 _INTERPRET_BACKWARD_PROGRAMS = 3
@@ -37,9 +34,10 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_rounding import FIX_BF16, round_to
+    from .triton_rounding import FIX_BF16, INTERPRET, round_to
 except ImportError:  # pragma: no cover - triton is a Linux dependency of the package
     triton = None
+    INTERPRET = False
 
 
 def rms_normalize(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -183,8 +181,9 @@ def backward_programs(rows: int, device: torch.device) -> int:
     """How many programs share the rows in the backward kernel (each keeps one dw_up partial)."""
     if device.type != "cuda":
         return max(1, min(rows, _INTERPRET_BACKWARD_PROGRAMS))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(rows, sms * _BACKWARD_PROGRAMS_PER_SM))
+    from .triton_upscaled_linear import device_facts  # cached per device; that module loads on first GPU use
+
+    return max(1, min(rows, device_facts(device.index).num_sms * _BACKWARD_PROGRAMS_PER_SM))
 
 
 def backward(dy: Tensor, x: Tensor, w: Tensor, w_up: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,8 @@ import os
 import triton
 import triton.language as tl
 
+# TRITON_INTERPRET=1 (set before triton is imported): triton runs the kernels in its interpreter. The one copy
+# of this flag: every kernel module imports it from here.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FIX_BF16 = tl.constexpr(INTERPRET)  # pass as round_to's FIX_BF16
 

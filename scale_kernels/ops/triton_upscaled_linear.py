@@ -32,16 +32,20 @@ interpreter's bf16 ``tl.dot`` is wrong).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import backends
+from .triton_rounding import INTERPRET
+
 name = "triton"
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # read by every dot: the interpreter's bf16/fp16 tl.dot is wrong, so it gets fp32 operands
 _UPCAST_DOT = tl.constexpr(INTERPRET)
@@ -117,11 +121,8 @@ def deterministic() -> bool:
     return os.environ.get("SCALE_KERNELS_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
-def _first_config_if_deterministic(configs, named_args, **kwargs):
+def _first_config_if_deterministic(configs: list) -> list:
     return configs[:1] if deterministic() else configs
-
-
-_MAX_SHARED_MEMORY: dict[int, int] = {}
 
 
 def _shared_memory_bytes(config: triton.Config, element_size: int, use_tma: bool) -> int:
@@ -136,12 +137,9 @@ def _fitting_shared_memory(configs: list, operand: torch.Tensor, use_tma: bool) 
     the compile). Keeps the smallest if none fits."""
     if INTERPRET:
         return configs
-    index = operand.device.index
-    if index not in _MAX_SHARED_MEMORY:
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        _MAX_SHARED_MEMORY[index] = props["max_shared_mem"]
+    limit = device_facts(operand.device.index).max_shared_memory
     size = operand.element_size()
-    fitting = [c for c in configs if _shared_memory_bytes(c, size, use_tma) <= _MAX_SHARED_MEMORY[index]]
+    fitting = [c for c in configs if _shared_memory_bytes(c, size, use_tma) <= limit]
     return fitting or [min(configs, key=lambda c: _shared_memory_bytes(c, size, use_tma))]
 
 
@@ -162,7 +160,7 @@ def _pruner(tiles: dict[str, list]):
         if kwargs.get("NEED_DROUTE"):
             chosen = [c for c in chosen if c.kwargs["BLOCK_N"] <= 128] or chosen
         chosen = _fitting_shared_memory(chosen, operand, kwargs["USE_TMA"])
-        return _first_config_if_deterministic(chosen, named_args)
+        return _first_config_if_deterministic(chosen)
 
     return prune
 
@@ -558,28 +556,29 @@ def _backward_weight_kernel(
 # launchers (host work per call: plain int arithmetic, cached device facts)
 
 
-_NUM_SMS: dict[int, int] = {}
-_HAS_TMA: dict[int, bool] = {}
+class DeviceFacts(NamedTuple):
+    num_sms: int
+    has_tma: bool  # Hopper (compute capability 9.x)
+    max_shared_memory: int  # bytes per block (the opt-in maximum)
+
+
+@functools.cache
+def device_facts(index: int) -> DeviceFacts:
+    """What the launchers (and the config pruner) need of CUDA device ``index`` (a tensor's ``device.index``),
+    queried once per device."""
+    props = torch.cuda.get_device_properties(index)
+    max_shared_memory = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return DeviceFacts(props.multi_processor_count, props.major == 9, max_shared_memory)
 
 
 def _num_sms(device: torch.device) -> int:
-    """Persistent programs per launch: the device's SM count (cached)."""
-    if device.type != "cuda":
-        return INTERPRETER_NUM_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    """Persistent programs per launch: the device's SM count."""
+    return device_facts(device.index).num_sms if device.type == "cuda" else INTERPRETER_NUM_SMS
 
 
 def _device_has_tma(device: torch.device) -> bool:
-    """Hopper (compute capability 9.x) on a GPU; the interpreter emulates descriptors on the CPU."""
-    if device.type != "cuda":
-        return INTERPRET
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _HAS_TMA:
-        _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return _HAS_TMA[index]
+    """Hopper on a GPU; the interpreter emulates descriptors on the CPU."""
+    return device_facts(device.index).has_tma if device.type == "cuda" else INTERPRET
 
 
 # SCALE_KERNELS_TRITON_TMA=0 forces the pointer path (a debugging switch; read once at import)
@@ -616,11 +615,6 @@ def _prepare_tma(use_tma: bool) -> None:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _bucket(n: int) -> int:
-    """Autotune key for a size that varies between calls (tokens): its power-of-two bucket."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -664,7 +658,7 @@ def forward(x, w, w21, w22, w12, bias, bias_up, route) -> torch.Tensor:
     num_sms = _num_sms(x.device)
     _forward_kernel[_persistent_grid(num_sms, M, d_out, e_out)](
         x, w, _or(w12, w), w21, w22, _or(bias, w), _or(bias_up, w), _or(route, w), y,
-        M, d_in, e_in, d_out, e_out, _bucket(M),
+        M, d_in, e_in, d_out, e_out, backends.token_bucket(M),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         *_strides(w), *_strides(w12), *_strides(w21), *_strides(w22),
         HAS_W12=has_w12, HAS_ROUTE=route is not None,
@@ -694,7 +688,7 @@ def backward_input(dy, x, w, w21, w22, w12, route, need_droute: bool):
         num_sms = _num_sms(dy.device)
         _backward_input_kernel[_persistent_grid(num_sms, M, d_in, e_in)](
             dy, _or(x, dy), w, _or(w12, w), w21, w22, _or(route, w), dx, parts,
-            M, d_in, e_in, d_out, e_out, _bucket(M),
+            M, d_in, e_in, d_out, e_out, backends.token_bucket(M),
             dy.stride(0), dy.stride(1), *_strides(x), dx.stride(0), dx.stride(1),
             *_strides(w), *_strides(w12), *_strides(w21), *_strides(w22),
             HAS_W12=has_w12, HAS_ROUTE=route is not None, NEED_DROUTE=n_parts > 0, DROUTE_COLS=DROUTE_COLS,
@@ -748,7 +742,7 @@ def backward_weight(dy, x, route, d_in: int, d_out: int, need_w21: bool, need_w2
 
     _backward_weight_kernel[grid](
         dy, x, _or(route, dy), out["w21"], out["w22"], out["w12"],
-        M, d_in, e_in, d_out, e_out, _bucket(M), splits, per_split,
+        M, d_in, e_in, d_out, e_out, backends.token_bucket(M), splits, per_split,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         split_stride["w21"], out["w21"].stride(-2), split_stride["w22"], out["w22"].stride(-2),
         split_stride["w12"], out["w12"].stride(-2),
