@@ -115,7 +115,7 @@ def bench_step(
         peak = peak_memory_mb(step, device)
         synchronize(device)
         if backend == "auto":
-            rec["backend_ran"] = scale_kernels.last_backend()
+            rec["ran_backend"] = scale_kernels.last_backend()
         elif backend is not None and scale_kernels.last_backend() != backend:
             raise RuntimeError(f"asked for backend {backend!r} but {scale_kernels.last_backend()!r} ran")
         tokens = batch["input_ids"].numel()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import scale_kernels
-from benchmarks import bench_layer, bench_model, targets
+from benchmarks import bench_layer, bench_model, report, targets
 from benchmarks.cases import MODES, PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, layer_cases
 from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload, usable_backends
 from benchmarks.layers import DenseLinear, FusedUpscaledLinear, HandWrittenUpscaledLinear
@@ -487,7 +487,8 @@ def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
     assert bench_model.main(argv) == 0
     payload = load_json(out)
     recs = {r["impl"]: r for r in payload["records"]}
-    assert recs["scale_kernels[auto]"]["status"] == "ok" and recs["scale_kernels[auto]"]["backend_ran"] == "torch"
+    assert recs["scale_kernels[auto]"]["status"] == "ok" and recs["scale_kernels[auto]"]["ran_backend"] == "torch"
+    assert "[ran torch]" in report.render(payload)  # the model table says which backend auto ran
     assert all(r["predicted_peak_mb"] > 0 for r in recs.values())
     ids = {t["id"]: t for t in payload["targets"]}
     assert ids["model_tokens_vs_full_ft"]["status"] == "not evaluated"  # a smoke run is no measurement
@@ -495,6 +496,7 @@ def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
     # the same comparisons judged as a measurement: the model targets are computed from them
     ids = {t["id"]: t for t in targets.evaluate({**payload, "smoke": False})}
     assert ids["model_tokens_vs_full_ft"]["status"] in ("met", "not met")
+    assert ids["model_tokens_vs_full_ft"]["ran_backend"] == "torch"
     assert ids["model_memory_vs_full_ft"]["status"] in ("met", "not met", "not evaluated")
 
 
