@@ -27,6 +27,7 @@ from torch import nn
 import scale_kernels
 from scale_kernels.backends import record_backend
 from scale_kernels.models.liger import LIGER_OPS, apply_liger_kernels
+from scale_kernels.precision import PrecisionPolicy
 
 from . import cli
 from . import model_variants as mv
@@ -54,26 +55,17 @@ def _backend_ctx(backend: str | None) -> contextlib.AbstractContextManager:
     return scale_kernels.use_backend(backend) if backend else contextlib.nullcontext()
 
 
-def _policy_ctx(model: nn.Module, batch: dict) -> contextlib.AbstractContextManager:
-    """Autocast in the dtype of the model's frozen (or, for full fine-tuning, low-precision-less) weights."""
-    device = batch["input_ids"].device
-    dtypes = {p.dtype for p in model.parameters()}
-    low = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
-    if device.type == "cuda" and not low:  # full fine-tuning: fp32 masters, bf16 compute
-        low = [torch.bfloat16]
-    return torch.autocast(device.type, dtype=low[0]) if low else contextlib.nullcontext()
-
-
-def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callable[[], None]:
-    """One AdamW step of ``model`` on ``batch`` (LM loss) under autocast, under ``use_backend(backend)`` when
-    given. AdamW is the fused implementation on CUDA (no parameter-sized temporaries)."""
+def train_step_fn(model: nn.Module, batch: dict, backend: str | None, policy: PrecisionPolicy) -> Callable[[], None]:
+    """One AdamW step of ``model`` on ``batch`` (LM loss) under ``policy``'s autocast, under
+    ``use_backend(backend)`` when given. AdamW is the fused implementation on CUDA (no parameter-sized
+    temporaries)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = batch["input_ids"].device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
+    device_type = batch["input_ids"].device.type
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device_type == "cuda" or None)
 
     def step() -> None:
         with _backend_ctx(backend):
-            with _policy_ctx(model, batch):
+            with policy.autocast(device_type):
                 loss = model(**batch).loss
             loss.backward()
         optimizer.step()
@@ -82,8 +74,8 @@ def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callabl
     return step
 
 
-def _loss(model: nn.Module, batch: dict, backend: str | None = None) -> float:
-    with torch.no_grad(), _backend_ctx(backend), _policy_ctx(model, batch):
+def _loss(model: nn.Module, batch: dict, policy: PrecisionPolicy, backend: str | None = None) -> float:
+    with torch.no_grad(), _backend_ctx(backend), policy.autocast(batch["input_ids"].device.type):
         return float(model(**batch).loss)
 
 
@@ -95,10 +87,11 @@ def bench_step(
     case: dict,
     device: torch.device,
     timer: TimerConfig,
+    policy: PrecisionPolicy,
     predicted_mb: float | None = None,
 ) -> dict:
-    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included), with the
-    estimator's ``predicted_mb`` when given.
+    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included) of a step
+    under ``policy``, with the estimator's ``predicted_mb`` when given.
 
     For a package backend the record is an error unless that backend really ran (``last_backend``); for
     ``auto`` the backend that ran is recorded.
@@ -109,7 +102,7 @@ def bench_step(
     free_memory(device)  # the previous step closure (optimizer state, grads) is gone: start clean
     try:
         mv.set_gradient_checkpointing(model, case["gradient_checkpointing"])
-        step = train_step_fn(model, batch, backend)
+        step = train_step_fn(model, batch, backend, policy)
         record_backend(None)  # so that the check below sees this run's backend, not an earlier one
         timing = measure(step, device, timer)
         peak = peak_memory_mb(step, device)
@@ -134,6 +127,7 @@ def bench_variant(
     cases: list[dict],
     device: torch.device,
     timer: TimerConfig,
+    policy: PrecisionPolicy,
     predict: Callable[[str, dict], float | None] = lambda impl, case: None,
 ) -> list[dict]:
     """Build one baseline model and measure it in every case (the model is freed when this returns). A build
@@ -145,7 +139,7 @@ def bench_variant(
         del exc
         free_memory(device)
         return [{**_unmeasured(impl, case, status), "predicted_peak_mb": predict(impl, case)} for case in cases]
-    return [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
+    return [bench_step(impl, model, batch, None, case, device, timer, policy, predict(impl, case)) for case in cases]
 
 
 def _unmeasured(impl: str, case: dict, status: str) -> dict:
@@ -170,6 +164,7 @@ def bench_upscaled(
     model's loss (within ``LOSS_RTOL``), else its records are errors.
     """
     impls = [package_impl(b) for b in backends] + [mv.HANDWRITTEN_UPSCALED]
+    policy = mv.precision_policy(dtype)
     reason = mv.upscale_unavailable_reason()
     if reason is not None:
         return [_unmeasured(impl, case, f"skipped: {reason}") for case in cases for impl in impls]
@@ -187,26 +182,30 @@ def bench_upscaled(
     mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
     records = []
     if handwritten:
-        loss_pkg = _loss(model, batch, backends[0] if backends else None)
+        loss_pkg = _loss(model, batch, policy, backends[0] if backends else None)
         mv.swap_to_handwritten(model)
-        loss_hw = _loss(model, batch)
+        loss_hw = _loss(model, batch, policy)
         impl = mv.HANDWRITTEN_UPSCALED
         if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
-            records = [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
+            records = [
+                bench_step(impl, model, batch, None, case, device, timer, policy, predict(impl, case)) for case in cases
+            ]
         else:
             status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
             records = [_unmeasured(impl, case, status) for case in cases]
         mv.restore_forward(model)
     for backend in backends:
         impl = package_impl(backend)
-        records += [bench_step(impl, model, batch, backend, case, device, timer, predict(impl, case)) for case in cases]
+        records += [
+            bench_step(impl, model, batch, backend, case, device, timer, policy, predict(impl, case)) for case in cases
+        ]
     if liger_ops and backends:  # last: liger's RoPE patch is process-wide for the family
         impl = package_impl(f"{backends[0]}+liger")
         try:
             apply_liger_kernels(model, liger_ops)
         except (ImportError, ValueError) as exc:
             return records + [_unmeasured(impl, case, f"skipped: {exc}") for case in cases]
-        records += [bench_step(impl, model, batch, backends[0], case, device, timer) for case in cases]
+        records += [bench_step(impl, model, batch, backends[0], case, device, timer, policy) for case in cases]
     return records
 
 
@@ -326,7 +325,9 @@ def run(args: argparse.Namespace) -> dict:
                     spec, usable, batch, cases, device, dtype, timer, predict, shape != "8b", args.liger
                 )
             else:
-                payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer, predict)
+                payload["records"] += bench_variant(
+                    variant, builders[variant], batch, cases, device, timer, policy, predict
+                )
             free_memory(device)
     return finalize(payload)
 

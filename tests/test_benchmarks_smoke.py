@@ -378,9 +378,10 @@ def test_bench_step_refuses_a_backend_that_did_not_run():
     model = mv.build_base(spec, CPU, torch.float32)  # no ScaleLinear: the package op never runs
     batch = bench_model.make_batch(spec.base["vocab_size"], 1, 4, CPU)
     case = {"gradient_checkpointing": True, "batch_size": 1, "seq_len": 4, "mode": "preserve"}
+    fp32 = mv.precision_policy(torch.float32)
     with scale_kernels.use_backend("torch"):  # an earlier call leaves last_backend() == "torch"
         scale_kernels.upscaled_linear(torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1))
-    rec = bench_model.bench_step("scale_kernels[torch]", model, batch, "torch", case, CPU, SMOKE_TIMER)
+    rec = bench_model.bench_step("scale_kernels[torch]", model, batch, "torch", case, CPU, SMOKE_TIMER, fp32)
     assert rec["status"] == "error: RuntimeError: asked for backend 'torch' but None ran"
     for enabled in (True, False):
         mv.set_gradient_checkpointing(model, enabled)
@@ -390,7 +391,7 @@ def test_bench_step_refuses_a_backend_that_did_not_run():
             else "is_gradient_checkpointing"
         )
         assert getattr(model, flag) is enabled and model.training
-    ok = bench_model.bench_step("full_ft", model, batch, None, case, CPU, SMOKE_TIMER)
+    ok = bench_model.bench_step("full_ft", model, batch, None, case, CPU, SMOKE_TIMER, fp32)
     assert ok["status"] == "ok" and ok["runs"] == 1 and ok["tokens_per_s"] > 0
 
 
