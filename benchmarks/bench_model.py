@@ -31,7 +31,7 @@ from scale_kernels.precision import PrecisionPolicy
 
 from . import cli
 from . import model_variants as mv
-from .impls import usable_backends
+from .impls import AUTO, usable_backends
 from .results import failure_status, finalize, new_results, timing_fields
 from .schema import package_impl
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
@@ -107,7 +107,7 @@ def bench_step(
         timing = measure(step, device, timer)
         peak = peak_memory_mb(step, device)
         synchronize(device)
-        if backend == "auto":
+        if backend == AUTO:
             rec["ran_backend"] = scale_kernels.last_backend()
         elif backend is not None and scale_kernels.last_backend() != backend:
             raise RuntimeError(f"asked for backend {backend!r} but {scale_kernels.last_backend()!r} ran")
@@ -247,14 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _package_backends(device: torch.device, dtype: torch.dtype, requested: list[str] | None) -> dict[str, str | None]:
-    """Requested package backends (default ``auto``, the dispatcher's choice) mapped to None or why not usable."""
-    requested = requested or ["auto"]
-    named = [b for b in requested if b != "auto"]
-    reasons = usable_backends(device, dtype, named) if named else {}
-    return {b: None if b == "auto" else reasons[b] for b in requested}
-
-
 def _predictor(spec: mv.ModelSpec, dtype: torch.dtype) -> Callable[[str, dict], float | None]:
     memo: dict[tuple, float | None] = {}
 
@@ -273,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     args.no_do_bench = True  # a step is long and stateful: CUDA events with a fixed count of steps
     timer = cli.resolve_timer(args, warmup=3, iters=10)
     shapes = ["smoke"] if args.smoke else (args.shapes or ["1b", "8b"])
-    backends = _package_backends(device, dtype, args.backends)
+    backends = usable_backends(device, dtype, args.backends or [AUTO])  # default: the dispatcher's choice
     usable = [b for b, reason in backends.items() if reason is None]
     policy = mv.precision_policy(dtype)
     settings = {

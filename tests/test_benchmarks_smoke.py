@@ -219,8 +219,9 @@ def test_result_helpers():
     assert failure_status(torch.cuda.OutOfMemoryError("x")) == "oom"
     assert failure_status(ValueError("bad\nmore")) == "error: ValueError: bad"
     assert default_out_dir({"device": "cpu", "device_name": "CPU: x"}, smoke=True).name == "cpu-smoke"
-    reasons = usable_backends(CPU, torch.float32, ["torch", "triton", "cuda", "nope"])
+    reasons = usable_backends(CPU, torch.float32, ["auto", "torch", "triton", "cuda", "nope"])
     assert reasons["torch"] is None and reasons["nope"] == "unknown backend 'nope'"
+    assert reasons["auto"] is None and "auto" not in usable_backends(CPU, torch.float32)  # auto: only when asked
     assert all(str(ROOT) not in (r or "") for r in reasons.values())  # no local paths in result files
     gpu = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
     assert default_out_dir(gpu, smoke=False).name == "nvidia-h100-80gb-hbm3"
