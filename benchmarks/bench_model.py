@@ -132,14 +132,20 @@ def bench_variant(
 ) -> list[dict]:
     """Build one baseline model and measure it in every case (the model is freed when this returns). A build
     that runs out of memory is recorded as ``oom`` for every case, never dropped."""
-    try:
-        model = build()
-    except Exception as exc:
-        status = failure_status(exc)
-        del exc
-        free_memory(device)
+    model, status = _build(build, device)
+    if model is None:
         return [{**_unmeasured(impl, case, status), "predicted_peak_mb": predict(impl, case)} for case in cases]
     return [bench_step(impl, model, batch, None, case, device, timer, policy, predict(impl, case)) for case in cases]
+
+
+def _build(build: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module | None, str | None]:
+    """``(model, None)``, or ``(None, status)`` for a build that raised (an OOM: ``oom``), its memory freed."""
+    try:
+        return build(), None
+    except Exception as exc:
+        status = failure_status(exc)
+    free_memory(device)  # after the except block: the exception and the frames it held are gone
+    return None, status
 
 
 def _unmeasured(impl: str, case: dict, status: str) -> dict:
@@ -171,12 +177,8 @@ def bench_upscaled(
     if spec.mode == "route":
         ids = batch["input_ids"]
         batch = {**batch, "scale_route": mv.route_mask(ids.shape[0], ids.shape[1], device)}
-    try:
-        model = mv.build_upscaled(spec, device, dtype)
-    except Exception as exc:
-        status = failure_status(exc)
-        del exc
-        free_memory(device)
+    model, status = _build(lambda: mv.build_upscaled(spec, device, dtype), device)
+    if model is None:
         return [_unmeasured(impl, case, status) for case in cases for impl in impls]
     model.eval()
     mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
