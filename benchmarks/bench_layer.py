@@ -24,12 +24,10 @@ from scale_kernels import backends as package_backends
 
 from . import cli
 from .cases import MODES, PASSES, LayerCase, layer_cases
-from .impls import BASELINES, HANDWRITTEN_COMPILED, Workload, build_workload, usable_backends
-from .results import failure_status, finalize, merge_results, new_results, report_failures, timing_fields
+from .impls import AUTO, BASELINES, HANDWRITTEN_COMPILED, Workload, build_workload, usable_backends
+from .results import failure_status, finalize, merge_results, new_results, timing_fields
 from .schema import impl_backend, load_json, package_impl, write_json
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
-
-AUTO = "auto"
 
 
 def pass_fn(workload: Workload, pass_name: str) -> Callable[[], object]:
@@ -136,9 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     device, dtype = cli.resolve_device(args), cli.resolve_dtype(args)
     timer = cli.resolve_timer(args, warmup=3, iters=20)
     requested = args.backends or [AUTO, *package_backends.BACKEND_NAMES]
-    backends = usable_backends(device, dtype, [b for b in requested if b != AUTO])
-    named = [package_impl(b) for b, reason in backends.items() if reason is None]
-    impls = [package_impl(AUTO)] * (AUTO in requested) + named + list(args.baselines)
+    backends = usable_backends(device, dtype, requested)
+    impls = [package_impl(b) for b, reason in backends.items() if reason is None] + list(args.baselines)
     cases = layer_cases(
         args.smoke,
         tuple(args.tokens) if args.tokens else None,
@@ -166,13 +163,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        return cli.main_for("layer", build_parser, run, argv)
-    payload = run(args)  # with --out, run() has written the file after every case (merged when --append)
-    print(f"[bench_layer] wrote {args.out}", file=sys.stderr)
-    report_failures(payload, "[bench_layer]")
-    return 0
+    return cli.main_for("layer", build_parser, run, argv, run_writes_out=True)
 
 
 if __name__ == "__main__":

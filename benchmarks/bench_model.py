@@ -27,10 +27,11 @@ from torch import nn
 import scale_kernels
 from scale_kernels.backends import record_backend
 from scale_kernels.models.liger import LIGER_OPS, apply_liger_kernels
+from scale_kernels.precision import PrecisionPolicy
 
 from . import cli
 from . import model_variants as mv
-from .impls import usable_backends
+from .impls import AUTO, usable_backends
 from .results import failure_status, finalize, new_results, timing_fields
 from .schema import package_impl
 from .timing import TimerConfig, free_memory, measure, peak_memory_mb, synchronize
@@ -54,26 +55,17 @@ def _backend_ctx(backend: str | None) -> contextlib.AbstractContextManager:
     return scale_kernels.use_backend(backend) if backend else contextlib.nullcontext()
 
 
-def _policy_ctx(model: nn.Module, batch: dict) -> contextlib.AbstractContextManager:
-    """Autocast in the dtype of the model's frozen (or, for full fine-tuning, low-precision-less) weights."""
-    device = batch["input_ids"].device
-    dtypes = {p.dtype for p in model.parameters()}
-    low = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
-    if device.type == "cuda" and not low:  # full fine-tuning: fp32 masters, bf16 compute
-        low = [torch.bfloat16]
-    return torch.autocast(device.type, dtype=low[0]) if low else contextlib.nullcontext()
-
-
-def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callable[[], None]:
-    """One AdamW step of ``model`` on ``batch`` (LM loss) under autocast, under ``use_backend(backend)`` when
-    given. AdamW is the fused implementation on CUDA (no parameter-sized temporaries)."""
+def train_step_fn(model: nn.Module, batch: dict, backend: str | None, policy: PrecisionPolicy) -> Callable[[], None]:
+    """One AdamW step of ``model`` on ``batch`` (LM loss) under ``policy``'s autocast, under
+    ``use_backend(backend)`` when given. AdamW is the fused implementation on CUDA (no parameter-sized
+    temporaries)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = batch["input_ids"].device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused or None)
+    device_type = batch["input_ids"].device.type
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device_type == "cuda" or None)
 
     def step() -> None:
         with _backend_ctx(backend):
-            with _policy_ctx(model, batch):
+            with policy.autocast(device_type):
                 loss = model(**batch).loss
             loss.backward()
         optimizer.step()
@@ -82,8 +74,8 @@ def train_step_fn(model: nn.Module, batch: dict, backend: str | None) -> Callabl
     return step
 
 
-def _loss(model: nn.Module, batch: dict, backend: str | None = None) -> float:
-    with torch.no_grad(), _backend_ctx(backend), _policy_ctx(model, batch):
+def _loss(model: nn.Module, batch: dict, policy: PrecisionPolicy, backend: str | None = None) -> float:
+    with torch.no_grad(), _backend_ctx(backend), policy.autocast(batch["input_ids"].device.type):
         return float(model(**batch).loss)
 
 
@@ -95,10 +87,11 @@ def bench_step(
     case: dict,
     device: torch.device,
     timer: TimerConfig,
+    policy: PrecisionPolicy,
     predicted_mb: float | None = None,
 ) -> dict:
-    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included), with the
-    estimator's ``predicted_mb`` when given.
+    """One record: step timings, tokens/s and peak memory (after warm-up, optimizer state included) of a step
+    under ``policy``, with the estimator's ``predicted_mb`` when given.
 
     For a package backend the record is an error unless that backend really ran (``last_backend``); for
     ``auto`` the backend that ran is recorded.
@@ -109,13 +102,13 @@ def bench_step(
     free_memory(device)  # the previous step closure (optimizer state, grads) is gone: start clean
     try:
         mv.set_gradient_checkpointing(model, case["gradient_checkpointing"])
-        step = train_step_fn(model, batch, backend)
+        step = train_step_fn(model, batch, backend, policy)
         record_backend(None)  # so that the check below sees this run's backend, not an earlier one
         timing = measure(step, device, timer)
         peak = peak_memory_mb(step, device)
         synchronize(device)
-        if backend == "auto":
-            rec["backend_ran"] = scale_kernels.last_backend()
+        if backend == AUTO:
+            rec["ran_backend"] = scale_kernels.last_backend()
         elif backend is not None and scale_kernels.last_backend() != backend:
             raise RuntimeError(f"asked for backend {backend!r} but {scale_kernels.last_backend()!r} ran")
         tokens = batch["input_ids"].numel()
@@ -134,18 +127,25 @@ def bench_variant(
     cases: list[dict],
     device: torch.device,
     timer: TimerConfig,
+    policy: PrecisionPolicy,
     predict: Callable[[str, dict], float | None] = lambda impl, case: None,
 ) -> list[dict]:
     """Build one baseline model and measure it in every case (the model is freed when this returns). A build
     that runs out of memory is recorded as ``oom`` for every case, never dropped."""
+    model, status = _build(build, device)
+    if model is None:
+        return [{**_unmeasured(impl, case, status), "predicted_peak_mb": predict(impl, case)} for case in cases]
+    return [bench_step(impl, model, batch, None, case, device, timer, policy, predict(impl, case)) for case in cases]
+
+
+def _build(build: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module | None, str | None]:
+    """``(model, None)``, or ``(None, status)`` for a build that raised (an OOM: ``oom``), its memory freed."""
     try:
-        model = build()
+        return build(), None
     except Exception as exc:
         status = failure_status(exc)
-        del exc
-        free_memory(device)
-        return [{**_unmeasured(impl, case, status), "predicted_peak_mb": predict(impl, case)} for case in cases]
-    return [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
+    free_memory(device)  # after the except block: the exception and the frames it held are gone
+    return None, status
 
 
 def _unmeasured(impl: str, case: dict, status: str) -> dict:
@@ -170,43 +170,44 @@ def bench_upscaled(
     model's loss (within ``LOSS_RTOL``), else its records are errors.
     """
     impls = [package_impl(b) for b in backends] + [mv.HANDWRITTEN_UPSCALED]
+    policy = mv.precision_policy(dtype)
     reason = mv.upscale_unavailable_reason()
     if reason is not None:
         return [_unmeasured(impl, case, f"skipped: {reason}") for case in cases for impl in impls]
     if spec.mode == "route":
         ids = batch["input_ids"]
         batch = {**batch, "scale_route": mv.route_mask(ids.shape[0], ids.shape[1], device)}
-    try:
-        model = mv.build_upscaled(spec, device, dtype)
-    except Exception as exc:
-        status = failure_status(exc)
-        del exc
-        free_memory(device)
+    model, status = _build(lambda: mv.build_upscaled(spec, device, dtype), device)
+    if model is None:
         return [_unmeasured(impl, case, status) for case in cases for impl in impls]
     model.eval()
     mv.set_backend(model, None)  # the backend comes from use_backend(...) in each step
     records = []
     if handwritten:
-        loss_pkg = _loss(model, batch, backends[0] if backends else None)
+        loss_pkg = _loss(model, batch, policy, backends[0] if backends else None)
         mv.swap_to_handwritten(model)
-        loss_hw = _loss(model, batch)
+        loss_hw = _loss(model, batch, policy)
         impl = mv.HANDWRITTEN_UPSCALED
         if abs(loss_hw - loss_pkg) <= LOSS_RTOL[dtype] * abs(loss_pkg):
-            records = [bench_step(impl, model, batch, None, case, device, timer, predict(impl, case)) for case in cases]
+            records = [
+                bench_step(impl, model, batch, None, case, device, timer, policy, predict(impl, case)) for case in cases
+            ]
         else:
             status = f"error: hand-written model loss {loss_hw} != package model loss {loss_pkg} (swap is wrong)"
             records = [_unmeasured(impl, case, status) for case in cases]
         mv.restore_forward(model)
     for backend in backends:
         impl = package_impl(backend)
-        records += [bench_step(impl, model, batch, backend, case, device, timer, predict(impl, case)) for case in cases]
+        records += [
+            bench_step(impl, model, batch, backend, case, device, timer, policy, predict(impl, case)) for case in cases
+        ]
     if liger_ops and backends:  # last: liger's RoPE patch is process-wide for the family
         impl = package_impl(f"{backends[0]}+liger")
         try:
             apply_liger_kernels(model, liger_ops)
         except (ImportError, ValueError) as exc:
             return records + [_unmeasured(impl, case, f"skipped: {exc}") for case in cases]
-        records += [bench_step(impl, model, batch, backends[0], case, device, timer) for case in cases]
+        records += [bench_step(impl, model, batch, backends[0], case, device, timer, policy) for case in cases]
     return records
 
 
@@ -248,14 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _package_backends(device: torch.device, dtype: torch.dtype, requested: list[str] | None) -> dict[str, str | None]:
-    """Requested package backends (default ``auto``, the dispatcher's choice) mapped to None or why not usable."""
-    requested = requested or ["auto"]
-    named = [b for b in requested if b != "auto"]
-    reasons = usable_backends(device, dtype, named) if named else {}
-    return {b: None if b == "auto" else reasons[b] for b in requested}
-
-
 def _predictor(spec: mv.ModelSpec, dtype: torch.dtype) -> Callable[[str, dict], float | None]:
     memo: dict[tuple, float | None] = {}
 
@@ -274,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
     args.no_do_bench = True  # a step is long and stateful: CUDA events with a fixed count of steps
     timer = cli.resolve_timer(args, warmup=3, iters=10)
     shapes = ["smoke"] if args.smoke else (args.shapes or ["1b", "8b"])
-    backends = _package_backends(device, dtype, args.backends)
+    backends = usable_backends(device, dtype, args.backends or [AUTO])  # default: the dispatcher's choice
     usable = [b for b, reason in backends.items() if reason is None]
     policy = mv.precision_policy(dtype)
     settings = {
@@ -326,7 +319,9 @@ def run(args: argparse.Namespace) -> dict:
                     spec, usable, batch, cases, device, dtype, timer, predict, shape != "8b", args.liger
                 )
             else:
-                payload["records"] += bench_variant(variant, builders[variant], batch, cases, device, timer, predict)
+                payload["records"] += bench_variant(
+                    variant, builders[variant], batch, cases, device, timer, policy, predict
+                )
             free_memory(device)
     return finalize(payload)
 

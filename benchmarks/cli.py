@@ -92,13 +92,20 @@ def main_for(
     build_parser: Callable[[], argparse.ArgumentParser],
     run: Callable[[argparse.Namespace], dict],
     argv: list[str] | None,
+    run_writes_out: bool = False,
 ) -> int:
-    """Entry point of a benchmark script: parse, run, save (``--out`` / ``--append``), list failures."""
+    """Entry point of a benchmark script: parse, run, save (``--out`` / ``--append``), list failures.
+
+    ``run_writes_out``: given ``--out``, ``run`` has written that file itself (merged when ``--append``), so it
+    is not written again."""
     from .results import default_out_dir, report_failures, save
 
     args = build_parser().parse_args(argv)
     payload = run(args)
-    out = args.out or default_out_dir(payload["env"], args.smoke) / f"{kind}.json"
-    print(f"[bench_{kind}] wrote {save(payload, out, args.append)}", file=sys.stderr)
+    if run_writes_out and args.out:
+        out = args.out
+    else:
+        out = save(payload, args.out or default_out_dir(payload["env"], args.smoke) / f"{kind}.json", args.append)
+    print(f"[bench_{kind}] wrote {out}", file=sys.stderr)
     report_failures(payload, f"[bench_{kind}]")
     return 0

@@ -122,7 +122,7 @@ if [ "$SMOKE" = 1 ]; then
   step host "$T_HOST" $PY -m benchmarks.bench_host --smoke --modes route --out "$DIR/host.json"
 else
   step tests "$T_TESTS" $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/logs/gpu_tests.xml"
-  step cuda "$T_CUDA" env MAX_JOBS=16 CUDA_CHECK_BUDGET_S=$(( T_CUDA - 5 )) RESULTS_DIR="$DIR/cuda" bash scripts/gpu_check_cuda.sh "$DIR/cuda"
+  step cuda "$T_CUDA" env MAX_JOBS=16 CUDA_CHECK_BUDGET_S=$(( T_CUDA - 5 )) bash scripts/gpu_check_cuda.sh "$DIR/cuda"
   step tune "$T_TUNE" $PY -m scale_kernels.tune --shape 4096,1024,4096,1024 --tokens 16384 4096 16 1 \
     --time-budget $(( T_TUNE - 15 )) --out "$DIR/dispatch_table.json"
   step layer "$T_LAYER" $PY -m benchmarks.bench_layer --tokens 16384 4096 16 1 --hidden 4096 \

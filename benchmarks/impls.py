@@ -24,15 +24,17 @@ HANDWRITTEN_COMPILED = "handwritten_compiled"
 DENSE = "dense_linear"
 GEMM = "equal_flop_gemm"
 BASELINES = (HANDWRITTEN, HANDWRITTEN_COMPILED, DENSE, GEMM)
+AUTO = "auto"  # the dispatcher's choice: always usable
 
 
 def usable_backends(
     device: torch.device, dtype: torch.dtype, requested: Sequence[str] | None = None
 ) -> dict[str, str | None]:
-    """Each requested backend (default: all) mapped to None if usable here, else the reason it is skipped."""
+    """Each requested backend (default: all named backends) mapped to None if usable here, else the reason it is
+    skipped; ``auto`` is always usable."""
     available = scale_kernels.available_backends(device, dtype)
     names = list(available) if requested is None else list(requested)
-    reasons = {name: available.get(name, f"unknown backend {name!r}") for name in names}
+    reasons = {name: None if name == AUTO else available.get(name, f"unknown backend {name!r}") for name in names}
     root = str(Path(scale_kernels.__file__).resolve().parents[1])  # keep local paths out of result files
     return {name: None if r is None else r.replace(root, "<repo>") for name, r in reasons.items()}
 

@@ -105,16 +105,14 @@ inline MatrixRef matrix_ref(const Tensor& t) {
   return MatrixRef{t.const_data_ptr(), check::decode_row_stride(describe(t))};
 }
 
-inline ScalarType kernel_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarType::Float32;
-    case at::kHalf:
-      return ScalarType::Float16;
-    default:
-      return ScalarType::BFloat16;  // the checker admits nothing else
-  }
-}
+// The decode kernel's dtype enum has the checker's values, so one is a cast of the other.
+static_assert(static_cast<int32_t>(ScalarType::Float32) == static_cast<int32_t>(check::DType::Float32) &&
+                  static_cast<int32_t>(ScalarType::Float16) == static_cast<int32_t>(check::DType::Float16) &&
+                  static_cast<int32_t>(ScalarType::BFloat16) == static_cast<int32_t>(check::DType::BFloat16),
+              "ScalarType (upscaled_linear_params.h) and check::DType (arg_check.h) must agree");
+
+// Never DType::Other: the checker admits nothing else.
+inline ScalarType kernel_dtype(const Tensor& t) { return static_cast<ScalarType>(dtype_code(t.scalar_type())); }
 
 // y (M, d_out + e_out) = [x0 W^T + r * (x1 W12^T) + b ; x0 W21^T + x1 W22^T + b_up] with ATen GEMMs writing
 // into column slices of y (beta = 1 accumulation, bias as addmm's input).

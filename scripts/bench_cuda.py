@@ -20,8 +20,6 @@ the repository root as ``python -m scripts.bench_cuda --out FILE``, by scripts/g
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +28,8 @@ import torch
 from benchmarks.cases import MODES, LayerCase, equal_flop_gemm_shape
 from benchmarks.impls import usable_backends
 from benchmarks.layers import EqualFlopGemm, FusedUpscaledLinear, HandWrittenUpscaledLinear
+from benchmarks.results import environment
+from benchmarks.schema import write_json
 from benchmarks.timing import TimerConfig, Timing, measure
 from scale_kernels.ops import cuda_upscaled_linear
 
@@ -192,7 +192,7 @@ def markdown(report: dict) -> str:
 
 
 def _save(report: dict, out: Path) -> None:
-    out.write_text(json.dumps(report, indent=2))
+    write_json(report, out)  # atomic: a run killed mid-write leaves the previous case's file
     out.with_suffix(".md").write_text(markdown(report))
 
 
@@ -219,12 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the cuda backend is unavailable: {available['cuda']}")
     impls = [i for i in DECODE_IMPLS if available.get(i) is None]  # cuda_op / handwritten are always usable
     cfg = TimerConfig(do_bench_warmup_ms=10, do_bench_rep_ms=args.rep_ms)
+    env = environment(device)  # device name, torch / cuda / triton / python versions, commit, time
     report = {
-        "gpu": torch.cuda.get_device_name(device),
+        **env,
+        "gpu": env["device_name"],
         "capability": list(torch.cuda.get_device_capability(device)),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
         "dtype": args.dtype,
         "timer": cfg.method(device),
         "reference_hbm_bytes_per_s": REFERENCE_HBM_BYTES_PER_S,

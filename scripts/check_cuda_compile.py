@@ -43,11 +43,15 @@ _STUB_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
 
 @dataclass
 class Result:
-    """One compiler run: what was compiled, whether it succeeded, its diagnostics."""
+    """One compiler run: what was compiled, its exit status, its diagnostics."""
 
     name: str
-    ok: bool
+    returncode: int
     output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
 
 
 def find_nvcc() -> str | None:
@@ -95,7 +99,13 @@ def nvcc_command(nvcc: str, src: Path, out: Path, archs: tuple[str, ...]) -> lis
 
 def _run(name: str, cmd: list[str]) -> Result:
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return Result(name, proc.returncode == 0, (proc.stdout + proc.stderr).strip())
+    return Result(name, proc.returncode, (proc.stdout + proc.stderr).strip())
+
+
+def _run_all(tasks: list[tuple[str, list[str]]], jobs: int) -> list[Result]:
+    """``(name, command)`` tasks, ``jobs`` at a time; results in task order."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda t: _run(*t), tasks))
 
 
 def compile_cu(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int = 2) -> list[Result]:
@@ -104,8 +114,7 @@ def compile_cu(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int = 2) 
         (f"{src.name} [{','.join(archs)}]", nvcc_command(nvcc, src, out_dir / f"{src.stem}.o", archs))
         for src in cu_sources()
     ]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda t: _run(*t), tasks))
+    return _run_all(tasks, jobs)
 
 
 def cuda_include_dir(nvcc: str) -> Path | None:
@@ -116,9 +125,17 @@ def cuda_include_dir(nvcc: str) -> Path | None:
     return None
 
 
+def _gxx() -> str | None:
+    """The host C++ compiler (g++, else c++), None if absent."""
+    return shutil.which("g++") or shutil.which("c++")
+
+
+_WARNINGS = ("-Wall", "-Wextra", "-Werror")
+
+
 def binding_syntax_command(nvcc: str, stub_dir: Path) -> list[str] | str:
     """``g++ -fsyntax-only`` of binding.cpp against torch's headers, or the reason it cannot run."""
-    gxx = shutil.which("g++") or shutil.which("c++")
+    gxx = _gxx()
     if gxx is None:
         return "no host C++ compiler (g++) found"
     try:
@@ -139,9 +156,7 @@ def binding_syntax_command(nvcc: str, stub_dir: Path) -> list[str] | str:
         gxx,
         "-fsyntax-only",
         "-std=c++17",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
+        *_WARNINGS,
         f"-I{CSRC}",
         f"-I{stub_dir}",
         *(f"-isystem{p}" for p in torch_incs),
@@ -149,16 +164,6 @@ def binding_syntax_command(nvcc: str, stub_dir: Path) -> list[str] | str:
         f"-I{sysconfig.get_paths()['include']}",
         str(CSRC / "binding.cpp"),
     ]
-
-
-def _gxx() -> str:
-    gxx = shutil.which("g++") or shutil.which("c++")
-    if gxx is None:
-        raise FileNotFoundError("no host C++ compiler (g++) to build the CPU test library")
-    return gxx
-
-
-_WARNINGS = ("-Wall", "-Wextra", "-Werror")
 
 
 def cpu_test_library_commands(out_dir: Path) -> tuple[list[list[str]], list[str], Path]:
@@ -171,6 +176,8 @@ def cpu_test_library_commands(out_dir: Path) -> tuple[list[list[str]], list[str]
     import torch.utils.cpp_extension as cpp_ext
 
     gxx = _gxx()
+    if gxx is None:
+        raise FileNotFoundError("no host C++ compiler (g++) to build the CPU test library")
     torch_lib = Path(torch.__file__).resolve().parent / "lib"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     common = ["-O1", "-fPIC", *_WARNINGS, abi, f"-I{CSRC}"]
@@ -200,11 +207,9 @@ def build_cpu_test_library(out_dir: Path, jobs: int = 2) -> Path:
     """Build the CPU test library into ``out_dir``; raises CalledProcessError (with the compiler's stderr) on
     a compile error and FileNotFoundError without g++."""
     compiles, link, lib = cpu_test_library_commands(out_dir)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        procs = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), compiles))
-    for cmd, proc in zip(compiles, procs):
-        if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    for cmd, result in zip(compiles, _run_all([(cmd[-1], cmd) for cmd in compiles], jobs)):
+        if not result.ok:
+            raise subprocess.CalledProcessError(result.returncode, cmd, stderr=result.output)
     subprocess.run(link, check=True, capture_output=True, text=True)
     return lib
 
@@ -232,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cpu_lib:
             try:
                 build_cpu_test_library(Path(tmp), args.jobs)
-                results.append(Result("CPU test library [g++]", True, ""))
+                results.append(Result("CPU test library [g++]", 0, ""))
             except subprocess.CalledProcessError as exc:
-                results.append(Result("CPU test library [g++]", False, exc.stderr))
+                results.append(Result("CPU test library [g++]", exc.returncode, exc.stderr))
     for r in results:
         print(f"{'ok  ' if r.ok else 'FAIL'} {r.name}")
         if not r.ok:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import scale_kernels
-from benchmarks import bench_layer, bench_model, targets
+from benchmarks import bench_layer, bench_model, report, targets
 from benchmarks.cases import MODES, PASSES, LayerCase, dense_flops, equal_flop_gemm_shape, layer_cases
 from benchmarks.impls import DENSE, GEMM, HANDWRITTEN, build_workload, usable_backends
 from benchmarks.layers import DenseLinear, FusedUpscaledLinear, HandWrittenUpscaledLinear
@@ -219,8 +219,9 @@ def test_result_helpers():
     assert failure_status(torch.cuda.OutOfMemoryError("x")) == "oom"
     assert failure_status(ValueError("bad\nmore")) == "error: ValueError: bad"
     assert default_out_dir({"device": "cpu", "device_name": "CPU: x"}, smoke=True).name == "cpu-smoke"
-    reasons = usable_backends(CPU, torch.float32, ["torch", "triton", "cuda", "nope"])
+    reasons = usable_backends(CPU, torch.float32, ["auto", "torch", "triton", "cuda", "nope"])
     assert reasons["torch"] is None and reasons["nope"] == "unknown backend 'nope'"
+    assert reasons["auto"] is None and "auto" not in usable_backends(CPU, torch.float32)  # auto: only when asked
     assert all(str(ROOT) not in (r or "") for r in reasons.values())  # no local paths in result files
     gpu = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
     assert default_out_dir(gpu, smoke=False).name == "nvidia-h100-80gb-hbm3"
@@ -378,9 +379,10 @@ def test_bench_step_refuses_a_backend_that_did_not_run():
     model = mv.build_base(spec, CPU, torch.float32)  # no ScaleLinear: the package op never runs
     batch = bench_model.make_batch(spec.base["vocab_size"], 1, 4, CPU)
     case = {"gradient_checkpointing": True, "batch_size": 1, "seq_len": 4, "mode": "preserve"}
+    fp32 = mv.precision_policy(torch.float32)
     with scale_kernels.use_backend("torch"):  # an earlier call leaves last_backend() == "torch"
         scale_kernels.upscaled_linear(torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1))
-    rec = bench_model.bench_step("scale_kernels[torch]", model, batch, "torch", case, CPU, SMOKE_TIMER)
+    rec = bench_model.bench_step("scale_kernels[torch]", model, batch, "torch", case, CPU, SMOKE_TIMER, fp32)
     assert rec["status"] == "error: RuntimeError: asked for backend 'torch' but None ran"
     for enabled in (True, False):
         mv.set_gradient_checkpointing(model, enabled)
@@ -390,7 +392,7 @@ def test_bench_step_refuses_a_backend_that_did_not_run():
             else "is_gradient_checkpointing"
         )
         assert getattr(model, flag) is enabled and model.training
-    ok = bench_model.bench_step("full_ft", model, batch, None, case, CPU, SMOKE_TIMER)
+    ok = bench_model.bench_step("full_ft", model, batch, None, case, CPU, SMOKE_TIMER, fp32)
     assert ok["status"] == "ok" and ok["runs"] == 1 and ok["tokens_per_s"] > 0
 
 
@@ -487,7 +489,8 @@ def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
     assert bench_model.main(argv) == 0
     payload = load_json(out)
     recs = {r["impl"]: r for r in payload["records"]}
-    assert recs["scale_kernels[auto]"]["status"] == "ok" and recs["scale_kernels[auto]"]["backend_ran"] == "torch"
+    assert recs["scale_kernels[auto]"]["status"] == "ok" and recs["scale_kernels[auto]"]["ran_backend"] == "torch"
+    assert "[ran torch]" in report.render(payload)  # the model table says which backend auto ran
     assert all(r["predicted_peak_mb"] > 0 for r in recs.values())
     ids = {t["id"]: t for t in payload["targets"]}
     assert ids["model_tokens_vs_full_ft"]["status"] == "not evaluated"  # a smoke run is no measurement
@@ -495,6 +498,7 @@ def test_bench_model_smoke_auto_backend_predictions_and_targets(tmp_path):
     # the same comparisons judged as a measurement: the model targets are computed from them
     ids = {t["id"]: t for t in targets.evaluate({**payload, "smoke": False})}
     assert ids["model_tokens_vs_full_ft"]["status"] in ("met", "not met")
+    assert ids["model_tokens_vs_full_ft"]["ran_backend"] == "torch"
     assert ids["model_memory_vs_full_ft"]["status"] in ("met", "not met", "not evaluated")
 
 
