@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .timing import SMOKE_TIMER, TimerConfig
+from scale_kernels.dispatch_table import DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .timing import SMOKE_TIMER, TimerConfig
 
 
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
