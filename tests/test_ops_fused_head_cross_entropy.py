@@ -198,6 +198,10 @@ def test_triton_rows_with_every_vocab_block(block):
     fh.cross_entropy_rows_triton(got, labels, loss_got, scale, -100, True, block=block)
     torch.testing.assert_close(loss_got, loss_want)
     torch.testing.assert_close(got, want)
+    ref, loss_ref = logits.double(), torch.empty(6, dtype=torch.float64)  # and both against fp64
+    fh.cross_entropy_rows_torch(ref, labels, loss_ref, scale.double(), -100, True)
+    assert_within_reference_tolerance("loss", loss_got, loss_ref, loss_want)
+    assert_within_reference_tolerance("dlogits", got, ref, want)
 
 
 def test_default_chunk_size_bounds_the_logits_to_the_input_size():
