@@ -153,6 +153,31 @@ def triton_usable(device: str = "cpu", dtype: torch.dtype = torch.float32) -> bo
     return sk.available_backends(device, dtype)["triton"] is None
 
 
+TRITON_KERNELS = ("_forward_kernel", "_backward_input_kernel", "_backward_weight_kernel")  # the jit functions
+
+
+def triton_module():
+    """``scale_kernels.ops.triton_upscaled_linear``, imported on first use (the import needs triton)."""
+    from scale_kernels.ops import triton_upscaled_linear as mod
+
+    return mod
+
+
+def record_calls(monkeypatch, name: str) -> list[tuple[tuple, object]]:
+    """Record ``(args, result)`` of each call of the Triton backend module's function ``name``."""
+    mod = triton_module()
+    calls = []
+    real = getattr(mod, name)
+
+    def spy(*args):
+        result = real(*args)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(mod, name, spy)
+    return calls
+
+
 def make_non_contiguous(ops: Operands, kind: str) -> Operands:
     """Same values, non-contiguous storage. ``kind``: ``"contiguous"`` (unchanged), ``"sliced"`` (x is a column
     slice of a wider tensor), ``"transposed"`` (x's two leading dims transposed, needs a 2-D lead; route too) or

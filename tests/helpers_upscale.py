@@ -63,6 +63,11 @@ def token_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def causal_lm_examples() -> list[dict[str, torch.Tensor]]:
+    """8 training examples of 8 tokens (``input_ids`` and equal ``labels``), a dataset for ``transformers.Trainer``."""
+    return [{"input_ids": token_ids(1, 8, seed=s)[0], "labels": token_ids(1, 8, seed=s)[0]} for s in range(8)]
+
+
 def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2, **forward_kwargs) -> None:
     """A plain PyTorch training loop over the trainable (expansion) parameters."""
     model.train()

@@ -170,16 +170,20 @@ def test_autocast_upscaled_model_matches_base_dtype_behaviour():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast_cuda_follows_nn_linear(dtype):
+@pytest.mark.parametrize("backend", [None, *backends.BACKEND_NAMES], ids=["auto", *backends.BACKEND_NAMES])
+def test_autocast_cuda_follows_nn_linear(dtype, backend):
+    reason = backend and sk.available_backends("cuda", dtype)[backend]
+    if reason:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
     ops = make_operands(lead=(4, 9), route="soft", device="cuda").to(torch.float32)
     with torch.autocast("cuda", dtype=dtype):
-        y = sk.upscaled_linear(*ops.args())
-        chosen = sk.explain_dispatch(*ops.args()).backend  # the per-shape automatic choice
+        y = sk.upscaled_linear(*ops.args(), backend=backend)
+        chosen = backend or sk.explain_dispatch(*ops.args()).backend  # auto: the per-shape automatic choice
         y_linear = nn.Linear(45, 53).cuda()(ops.x[..., :45])
     assert y.dtype == y_linear.dtype == dtype and sk.last_backend() == chosen
     manual = ops.to(dtype)
     manual.route = ops.route
-    assert torch.equal(y, sk.upscaled_linear(*manual.args()).detach())
+    assert torch.equal(y, sk.upscaled_linear(*manual.args(), backend=backend).detach())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ import json
 import pytest
 import torch
 from helpers import triton_usable
-from helpers_upscale import _COMMON, EXPANSION, token_ids
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers_upscale import _COMMON, EXPANSION, base_model, token_ids
 
 import scale_kernels as sk
 from scale_kernels import memory as mem
@@ -28,8 +27,7 @@ B, S, LORA_R = 2, 8, 4
 
 
 def build(method: str, fused: bool = True, norm_kernel: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**_COMMON))
+    model = base_model("llama")
     if method == "lora":
         model = apply_lora(model, LORA_R, 8, list(mem.LORA_TARGETS))
     elif method == "scale":
@@ -150,8 +148,7 @@ def test_cli_table_json_and_errors(capsys):
 
 
 def test_precision_policy_casts_by_requires_grad_and_keeps_ties():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=True))
+    model = base_model("llama_tied")
     sk.upscale_model(model, **EXPANSION)
     counts = apply_precision_policy(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight

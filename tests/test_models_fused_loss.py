@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_upscale import base_model, token_ids, upscaled
+from helpers_upscale import base_model, causal_lm_examples, token_ids, upscaled
 
 import scale_kernels as sk
 from scale_kernels.models import set_activation_checkpointing
@@ -180,7 +180,7 @@ def test_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path, monkey
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ScaleLMHead, "causal_lm_loss", spy)
-    data = [{"input_ids": token_ids(1, 8, seed=s)[0], "labels": token_ids(1, 8, seed=s)[0]} for s in range(8)]
+    data = causal_lm_examples()
     final = {}
     for fused in (True, False):
         model = perturbed("llama")

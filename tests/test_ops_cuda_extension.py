@@ -132,13 +132,16 @@ def test_partial_gradients(frozen):
 @pytest.mark.parametrize("tokens", [5, 70], ids=["decode", "aten"])
 def test_non_finite_inputs_propagate_like_pytorch(tokens):
     """A route-0 token whose x_up is NaN gets a NaN original output, as (x_up W12^T) * 0 does in PyTorch; an
-    inf weight reaches exactly the outputs that read it."""
-    ops = make_operands((tokens,), 20, 12, 37, 9, route="zeros", device="cuda").to(torch.bfloat16)
+    inf weight reaches exactly the outputs that read it. In fp32 also the finite values and every gradient
+    against the fp64 reference."""
+    ops = make_operands((tokens,), 20, 12, 37, 9, route="zeros", device="cuda")
     with torch.no_grad():
         ops.x[2, 25] = float("nan")
         ops.w21[3, 4] = float("inf")
-        got, ref = _cuda(*ops.args()), sk.upscaled_linear_reference(*ops.args())
+        bf16 = ops.to(torch.bfloat16)
+        got, ref = _cuda(*bf16.args()), sk.upscaled_linear_reference(*bf16.args())
     assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    assert_matches_reference(ops, torch.float32, "cuda")
 
 
 @needs_cuda_ext

@@ -72,7 +72,7 @@ def grads_of(fn, case: dict) -> tuple[list[str], list[torch.Tensor]]:
     return ["loss", *names], out
 
 
-def check(case: dict, dtype: torch.dtype, backend: str, reduction: str = "mean", chunk_size: int | None = None):
+def check(case: dict, dtype: torch.dtype, backend: str | None, reduction: str = "mean", chunk_size: int | None = None):
     def fused(c):
         return fh.fused_head_cross_entropy(
             c["x"], c["w"], c["labels"], c["w_up"], c["bias"], c["route"],
@@ -120,11 +120,13 @@ def fused_grads(case: dict, **kwargs) -> list[torch.Tensor]:
     return grads_of(fn, case)[1]
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 29, 1000])
+@pytest.mark.parametrize("chunk_size", [1, 5, 29, 1000])  # 29 tokens: 29 chunks, 6 (the last partial), 1, 1
 def test_chunking_does_not_change_the_result(chunk_size):
-    case = cast(make_case(route="random"), torch.float32)
-    for a, b in zip(fused_grads(case, chunk_size=29), fused_grads(case, chunk_size=chunk_size)):
+    case = make_case(route="random")
+    fp32 = cast(case, torch.float32)
+    for a, b in zip(fused_grads(fp32, chunk_size=29), fused_grads(fp32, chunk_size=chunk_size)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    check(case, torch.float32, None, chunk_size=chunk_size)  # the same (default) backend against fp64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,6 +198,10 @@ def test_triton_rows_with_every_vocab_block(block):
     fh.cross_entropy_rows_triton(got, labels, loss_got, scale, -100, True, block=block)
     torch.testing.assert_close(loss_got, loss_want)
     torch.testing.assert_close(got, want)
+    ref, loss_ref = logits.double(), torch.empty(6, dtype=torch.float64)  # and both against fp64
+    fh.cross_entropy_rows_torch(ref, labels, loss_ref, scale.double(), -100, True)
+    assert_within_reference_tolerance("loss", loss_got, loss_ref, loss_want)
+    assert_within_reference_tolerance("dlogits", got, ref, want)
 
 
 def test_default_chunk_size_bounds_the_logits_to_the_input_size():

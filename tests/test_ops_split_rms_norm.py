@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_within_reference_tolerance, triton_usable
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import scale_kernels as sk
 from scale_kernels.ops import split_rms_norm as srn
@@ -66,6 +67,10 @@ def test_original_slice_is_bitwise_the_hf_rmsnorm_in_bf16():
     xd, wd = x.detach().bfloat16(), w.bfloat16()
     got = srn.split_rms_norm(xd, wd, w_up.detach().float(), 1e-5)
     assert torch.equal(got[..., :45], srn.rms_normalize(xd[..., :45], wd, 1e-5))
+    hf = LlamaRMSNorm(45, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(wd)
+        assert torch.equal(got[..., :45], hf(xd[..., :45]))
 
 
 def test_non_contiguous_input_and_many_rows_per_program():

@@ -21,13 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, assert_within_reference_tolerance, make_operands, triton_usable
+from helpers import (
+    TRITON_KERNELS,
+    assert_matches_reference,
+    assert_within_reference_tolerance,
+    make_operands,
+    record_calls,
+    triton_module,
+    triton_usable,
+)
 
 from scale_kernels import backends
 
 pytestmark = pytest.mark.skipif(not triton_usable(), reason="triton backend unavailable")
 
-KERNELS = ("_forward_kernel", "_backward_input_kernel", "_backward_weight_kernel")
 # several column tiles for every BLOCK_N (16..256), no width a multiple of the largest BLOCK_N, several M tiles
 # for the small ones; widths that are not 16-byte aligned in fp32: the pointer path
 POINTER = dict(lead=(37,), d_in=70, e_in=300, d_out=45, e_out=261)
@@ -42,12 +49,6 @@ LAYOUTS = {  # name -> (sizes, dtype, expected USE_TMA)
     "split-tma": (SPLIT, torch.float16, True),
 }
 COMPILE_CHECK = Path(__file__).resolve().parent / "triton_sm90_compile.py"
-
-
-def _mod():
-    from scale_kernels.ops import triton_upscaled_linear as mod
-
-    return mod
 
 
 def _kernel_outputs(backend, kernel: str, args: tuple, dy: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -83,34 +84,20 @@ def assert_kernel_matches_reference(kernel: str, sizes: dict, dtype: torch.dtype
         assert_within_reference_tolerance(name, k, r, p, exact_non_finite_kind=name != "route")
 
 
-def _record_tma(monkeypatch) -> list[bool]:
-    """Record each launch's choice between the TMA and pointer paths."""
-    mod = _mod()
-    seen = []
-    real = mod._prepare_tma
-
-    def prepare(use_tma: bool) -> None:
-        seen.append(use_tma)
-        real(use_tma)
-
-    monkeypatch.setattr(mod, "_prepare_tma", prepare)
-    return seen
-
-
 def _with_configs(monkeypatch, name: str, tiles: list, **autotune_kwargs) -> None:
     """Replace kernel ``name`` by an autotuner over ``tiles`` (no pruning) wrapping the same jit function."""
     import triton
 
-    mod = _mod()
+    mod = triton_module()
     fn = getattr(mod, name).fn
     configs = [mod._config(t) for t in tiles]
     monkeypatch.setattr(mod, name, triton.autotune(configs=configs, key=["M_BUCKET"], **autotune_kwargs)(fn))
 
 
 def _cases() -> list:
-    mod = _mod()
+    mod = triton_module()
     cases = []
-    for kernel in KERNELS:
+    for kernel in TRITON_KERNELS:
         family = mod.WEIGHT_TILES if kernel == "_backward_weight_kernel" else mod.MN_TILES
         layouts = ["pointer", "tma"] + (["split", "split-tma"] if kernel == "_backward_weight_kernel" else [])
         for size_class, tiles in family.items():
@@ -125,9 +112,9 @@ def _cases() -> list:
 def test_every_config_matches_reference(monkeypatch, kernel, tile, layout):
     sizes, dtype, tma = LAYOUTS[layout]
     _with_configs(monkeypatch, kernel, [tile])
-    seen = _record_tma(monkeypatch)
+    launches = record_calls(monkeypatch, "_prepare_tma")  # once per kernel launch, with its path
     assert_kernel_matches_reference(kernel, sizes, dtype)
-    assert seen == [tma]
+    assert [args[0] for args, _ in launches] == [tma]
 
 
 @pytest.mark.parametrize(
@@ -138,8 +125,9 @@ def test_every_config_matches_reference(monkeypatch, kernel, tile, layout):
 def test_tma_path_with_an_empty_block(monkeypatch, sizes):
     """An LM head (no expansion outputs) or an empty original block keeps the TMA path (the empty operands get
     well-formed descriptors that are never read) and matches the reference."""
-    seen = _record_tma(monkeypatch)
+    launches = record_calls(monkeypatch, "_prepare_tma")
     assert_matches_reference(make_operands(lead=(37,), **sizes, route="soft"), torch.float16, "triton")
+    seen = [args[0] for args, _ in launches]
     assert seen and all(seen), seen
 
 
@@ -158,13 +146,14 @@ def _fixed_order_bench():
 
 @pytest.mark.parametrize(
     "kernel, layout",
-    [(k, "pointer") for k in KERNELS] + [("_backward_input_kernel", "tma"), ("_backward_weight_kernel", "split")],
+    [(k, "pointer") for k in TRITON_KERNELS]
+    + [("_backward_input_kernel", "tma"), ("_backward_weight_kernel", "split")],
 )
 def test_autotuning_first_call_matches_reference(monkeypatch, kernel, layout):
     """The autotuner benchmarks a narrow-column config after the (winning) widest one on the very first call;
     the winner's result must not contain anything the narrow config left behind (the d(route) partial sums
     were wrong here before: the narrow config filled partial rows that the winner never overwrote)."""
-    mod = _mod()
+    mod = triton_module()
     sizes, dtype, _ = LAYOUTS[layout]
     family = mod.WEIGHT_TILES if kernel == "_backward_weight_kernel" else mod.MN_TILES
     tiles = family["prefill"] + family["decode"]
@@ -178,9 +167,9 @@ def test_autotuning_first_call_matches_reference(monkeypatch, kernel, layout):
 def test_autotune_keys_cover_every_constexpr_variant():
     """Every constexpr that is not a tile parameter compiles another kernel (Preserve / Adapt / Route, d(route),
     TMA, TF32, the SM count): each needs its own tuned config, so each is in the autotuning key."""
-    mod = _mod()
+    mod = triton_module()
     tile_params = set(mod._config(mod.MN_TILES["prefill"][0]).kwargs)
-    for name in KERNELS:
+    for name in TRITON_KERNELS:
         kernel = getattr(mod, name)
         params = inspect.signature(kernel.fn.fn).parameters.values()
         constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
@@ -192,7 +181,7 @@ def test_autotune_keys_cover_every_constexpr_variant():
 
 @pytest.mark.parametrize("family_name", ["MN_TILES", "WEIGHT_TILES"])
 def test_pruner_keeps_the_size_class_of_the_call(monkeypatch, family_name):
-    mod = _mod()
+    mod = triton_module()
     family = getattr(mod, family_name)
     configs = [mod._config(t) for tiles in family.values() for t in tiles]
     prune = mod._pruner(family)
@@ -220,7 +209,7 @@ def test_pruner_keeps_the_size_class_of_the_call(monkeypatch, family_name):
 def test_split_k_is_a_function_of_the_shape():
     """Splits only below two output tiles per SM and above SPLIT_K_TOKENS tokens; each split a multiple of
     SPLIT_K_TOKENS tokens (so no K block straddles two), every token in exactly one split."""
-    mod = _mod()
+    mod = triton_module()
     assert mod.split_k(4096, 576, 132) == (1, 4096)  # d=4096, e=1024 at 128x128: 576 tiles >= 2 x 132 SMs
     assert mod.split_k(16384, 36, 132) == (8, 2048)  # d=1024, e=256: 36 tiles
     for M, tiles, sms in itertools.product([1, 256, 257, 520, 4096, 100_000], [1, 5, 36, 263, 264], [4, 132]):
@@ -232,7 +221,7 @@ def test_split_k_is_a_function_of_the_shape():
 
 def test_launch_metadata_counts_flops_and_bytes():
     """What a profiler (proton) shows for a launch: the sizes, the FLOPs of the terms computed, the bytes."""
-    mod = _mod()
+    mod = triton_module()
     x = torch.empty(1, dtype=torch.bfloat16)
     sizes = dict(M=16, D_IN=4, E_IN=2, D_OUT=3, E_OUT=5)
     forward = mod._metadata("upscaled_linear_forward", mod._forward_flops)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_matches_reference, make_operands
+from helpers import TRITON_KERNELS, assert_matches_reference, make_operands, record_calls, triton_module
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-KERNELS = ("_forward_kernel", "_backward_input_kernel", "_backward_weight_kernel")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = {  # name -> (w12, route): Preserve, Adapt with W12 frozen, Route with a hard mask / a soft gate
     "preserve": ("none", "none"),
@@ -31,12 +30,6 @@ DECODE = dict(LARGE, lead=(16,))
 SPLIT = dict(lead=(4096,), d_in=256, e_in=64, d_out=256, e_out=64)  # 5 weight tiles: token dimension split
 
 
-def _mod():
-    from scale_kernels.ops import triton_upscaled_linear as mod
-
-    return mod
-
-
 @pytest.fixture(autouse=True)
 def pinned_configs(monkeypatch):
     """The first config of each size class only (the autotuning test lifts this)."""
@@ -47,24 +40,9 @@ def _tma_expected(dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability()[0] == 9 and dtype != torch.float32
 
 
-def _record_calls(monkeypatch, name: str) -> list[tuple[tuple, object]]:
-    """Record ``(args, result)`` of each call of the backend module's function ``name``."""
-    mod = _mod()
-    calls = []
-    real = getattr(mod, name)
-
-    def spy(*args):
-        result = real(*args)
-        calls.append((args, result))
-        return result
-
-    monkeypatch.setattr(mod, name, spy)
-    return calls
-
-
 def _check(monkeypatch, sizes: dict, mode: str, dtype: torch.dtype, expect_tma: bool) -> None:
     w12, route = MODES[mode]
-    launches = _record_calls(monkeypatch, "_prepare_tma")  # once per kernel launch, with its path
+    launches = record_calls(monkeypatch, "_prepare_tma")  # once per kernel launch, with its path
     ops = make_operands(**sizes, w12=w12, route=route, device="cuda")
     assert_matches_reference(ops, dtype, "triton")
     paths = [args[0] for args, _ in launches]
@@ -79,9 +57,9 @@ def _tile(config) -> str:
 def _compiled_kernels() -> list[tuple[str, object]]:
     """Every kernel binary the three jit functions compiled in this process (both triton 3.6 and 3.9 keep
     them in ``device_caches[device][0]``)."""
-    mod = _mod()
+    mod = triton_module()
     found = []
-    for name in KERNELS:
+    for name in TRITON_KERNELS:
         for caches in getattr(mod, name).fn.device_caches.values():
             found += [(name, compiled) for compiled in caches[0].values()]
     return found
@@ -129,7 +107,7 @@ def test_decode_shape(monkeypatch):
 
 
 def test_split_k_weight_gradients(monkeypatch):
-    calls = _record_calls(monkeypatch, "split_k")
+    calls = record_calls(monkeypatch, "split_k")
     _check(monkeypatch, SPLIT, "route-soft", torch.bfloat16, expect_tma=_tma_expected(torch.bfloat16))
     assert [splits for _, (splits, _) in calls] == [16], calls
 
@@ -140,15 +118,15 @@ def test_large_shape_autotuned_first_call(monkeypatch, dtype):
     the autotuner benchmarks every config of the size class on this very call (in-memory and disk caches
     bypassed), and the result must match the reference (d(route) was 1.4 off here when the autotuner left
     stale partial sums). Then no compiled kernel may spill registers."""
-    mod = _mod()
+    mod = triton_module()
     monkeypatch.delenv("SCALE_KERNELS_DETERMINISTIC")
-    for name in KERNELS:
+    for name in TRITON_KERNELS:
         kernel = getattr(mod, name)
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "cache_results", False)
         monkeypatch.setattr(kernel, "configs_timings", None, raising=False)
     _check(monkeypatch, LARGE, "route-soft", DTYPES[dtype], expect_tma=_tma_expected(DTYPES[dtype]))
-    for name in KERNELS:
+    for name in TRITON_KERNELS:
         kernel = getattr(mod, name)
         timings = kernel.configs_timings
         assert timings and len(timings) >= 2, (name, timings)  # really autotuned, on this first call

@@ -157,8 +157,6 @@ def test_gated_head_exposes_the_model_route_through_w12_and_route(base):
 
 
 def test_gated_head_round_trips_through_the_expansion_checkpoint(base, tmp_path):
-    import copy
-
     model = upscaled(base, "preserve", gate_head=True)
     train_steps(model, steps=2, scale_route=True)
     sk.save_expansion(model, tmp_path)
@@ -183,8 +181,6 @@ def test_original_stream_is_exactly_base_and_restores(base, trained):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_gradient_checkpointing_recomputation_sees_the_mask(trained):
-    import copy
-
     ids = token_ids()
     mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5
     grads = []

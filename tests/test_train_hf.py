@@ -4,23 +4,22 @@ model it gives identical logits; the frozen base weights are bit-identical and n
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_upscale import EXPANSION, base_model, token_ids
+from helpers_upscale import base_model, causal_lm_examples, token_ids, upscaled
 from safetensors import safe_open
 
 import scale_kernels as sk
 
 pytest.importorskip("accelerate")
-DATA = [{"input_ids": token_ids(1, 8, seed=s)[0], "labels": token_ids(1, 8, seed=s)[0]} for s in range(8)]
+DATA = causal_lm_examples()
 
 
 def _upscaled() -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An upscaled Adapt model (W12 trains in the top layer) and copies of its frozen and trainable tensors."""
-    model = sk.upscale_model(copy.deepcopy(base_model()), mode="adapt", adapt_layers=[-1], seed=0, **EXPANSION)
+    model = upscaled(base_model(), "adapt", adapt_layers=[-1])
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return model.train(), frozen, trainable
