@@ -212,16 +212,19 @@ def test_emulated_decode_strided_operands_are_bitwise_the_contiguous_result(emul
 @pytest.mark.parametrize("tokens", [5, 70], ids=["decode", "aten"])
 def test_emulated_non_finite_inputs_propagate_like_pytorch(emulated, tokens):
     """A route-0 token whose x_up is NaN gets a NaN original output ((x_up W12^T) * 0 in PyTorch); an inf
-    weight reaches exactly the outputs that read it. Zero fill at the tile edges must not hide or add any."""
-    ops = make_operands((tokens,), 20, 12, 37, 9, route="zeros").to(torch.float32)
+    weight reaches exactly the outputs that read it. Zero fill at the tile edges must not hide or add any. Also
+    the finite values and every gradient against the fp64 reference."""
+    ops = make_operands((tokens,), 20, 12, 37, 9, route="zeros")
     with torch.no_grad():
         ops.x[2, 25] = float("nan")
         ops.w21[3, 4] = float("inf")
-        got = sk.upscaled_linear(*ops.args(), backend="cuda")
-        ref = sk.upscaled_linear_reference(*ops.args())
+        fp32 = ops.to(torch.float32)
+        got = sk.upscaled_linear(*fp32.args(), backend="cuda")
+        ref = sk.upscaled_linear_reference(*fp32.args())
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
     others = torch.arange(tokens) != 2
     assert torch.isnan(got[2]).all() and torch.isinf(got[others, 37 + 3]).all()
+    assert_matches_reference(ops, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("frozen", [("x",), ("w21", "w22"), ("route",), ("x", "w21", "w22")])
