@@ -86,7 +86,9 @@ class CheckedCall(NamedTuple):
     plain_tensors: bool
 
 
-def _check_tensor(name: str, t: object, ndim: int | None = None, op: str = _OP) -> torch.Tensor:
+def check_tensor(name: str, t: object, ndim: int | None = None, op: str = _OP) -> torch.Tensor:
+    """``t`` itself if it is a dense tensor (of ``ndim`` dimensions when given); else TypeError / ValueError
+    naming ``op`` and the argument ``name``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -96,7 +98,8 @@ def _check_tensor(name: str, t: object, ndim: int | None = None, op: str = _OP) 
     return t
 
 
-def _check_route_dtype(route: torch.Tensor, op: str = _OP) -> None:
+def check_route_dtype(route: torch.Tensor, op: str = _OP) -> None:
+    """TypeError naming ``op`` unless ``route`` is a bool mask or a floating-point gate."""
     if not (route.dtype == torch.bool or route.dtype.is_floating_point):
         raise TypeError(
             f"{op}: route must be a bool mask or a floating-point gate, got {route.dtype}; "
@@ -159,12 +162,12 @@ def check_upscaled_linear_args(
 
 def _check_signature(x, w, w21, w22, w12, bias, bias_up, route) -> BlockSizes:
     """Every check that depends only on the call's signature (see :func:`_signature`)."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"{_OP}: x must have at least 1 dimension (..., d_in + e_in), got a 0-D tensor")
-    _check_tensor("w", w, 2)
-    _check_tensor("w21", w21, 2)
-    _check_tensor("w22", w22, 2)
+    check_tensor("w", w, 2)
+    check_tensor("w21", w21, 2)
+    check_tensor("w22", w22, 2)
     d_out, d_in = w.shape
     e_out = w21.shape[0]
     e_in = x.shape[-1] - d_in
@@ -176,13 +179,13 @@ def _check_signature(x, w, w21, w22, w12, bias, bias_up, route) -> BlockSizes:
     _check_shape("w21", w21, (e_out, d_in), f"(e_out, d_in) with d_in={d_in} from w")
     _check_shape("w22", w22, (e_out, e_in), f"(e_out, e_in) with e_out={e_out} from w21, e_in=x.shape[-1]-d_in")
     if w12 is not None:
-        _check_tensor("w12", w12, 2)
+        check_tensor("w12", w12, 2)
         _check_shape("w12", w12, (d_out, e_in), f"(d_out, e_in) with d_out={d_out} from w, e_in={e_in}")
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_tensor("bias", bias, 1)
         _check_shape("bias", bias, (d_out,), "(d_out,)")
     if bias_up is not None:
-        _check_tensor("bias_up", bias_up, 1)
+        check_tensor("bias_up", bias_up, 1)
         _check_shape("bias_up", bias_up, (e_out,), "(e_out,)")
 
     if x.dtype not in SUPPORTED_DTYPES:
@@ -203,13 +206,13 @@ def _check_signature(x, w, w21, w22, w12, bias, bias_up, route) -> BlockSizes:
             )
 
     if route is not None:
-        _check_tensor("route", route)
+        check_tensor("route", route)
         if tuple(route.shape) != tuple(x.shape[:-1]):
             raise ValueError(
                 f"{_OP}: route must have x's leading shape {tuple(x.shape[:-1])} (one value per token), "
                 f"got {tuple(route.shape)}"
             )
-        _check_route_dtype(route)
+        check_route_dtype(route)
         if route.device != x.device:
             raise ValueError(f"{_OP}: route must be on x's device {x.device}, got {route.device}")
     return BlockSizes(d_in=d_in, e_in=e_in, d_out=d_out, e_out=e_out)

@@ -295,7 +295,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
 
 
 def _check_tensor(name: str, t: object, dims: int) -> Tensor:
-    return validation._check_tensor(name, t, dims, op=_OP)
+    return validation.check_tensor(name, t, dims, op=_OP)
 
 
 def check_head_loss_args(
@@ -333,7 +333,7 @@ def check_head_loss_args(
         _check_tensor("route", route, 1)
         if route.shape[0] != n:
             raise ValueError(f"route must have shape ({n},) (one per token of x), got {tuple(route.shape)}")
-        validation._check_route_dtype(route, op=_OP)
+        validation.check_route_dtype(route, op=_OP)
     for name, t in (("w", w), ("bias", bias)):
         if t is not None and t.requires_grad:
             raise ValueError(f"{name} must be frozen (requires_grad=False): the fused head never computes its gradient")
